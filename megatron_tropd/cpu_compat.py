@@ -1,0 +1,162 @@
+"""Run megatron-core 0.16 on CPU (gloo) for development and tests.
+
+megatron-core assumes CUDA in four places that a CPU-only forward/backward and pipeline schedule reach.
+`apply()` patches exactly those, and only when CUDA is unavailable; on a GPU it is never called
+(`megatron_tropd.parallel.initialize` calls it only when `torch.cuda.is_available()` is False), so GPU
+behaviour is unchanged. Each patch replaces the CUDA device with the CPU and nothing else:
+
+1. `megatron.core.utils.GlobalMemoryBuffer.get_tensor` allocates its scratch buffer on
+   `torch.cuda.current_device()` (used by sequence-parallel all-gathers and the TP linear layers).
+   -> the same buffer, allocated on the CPU.
+2. `tensor_parallel.random.CudaRNGStatesTracker` stores and swaps CUDA generator states (dropout under TP,
+   `model_parallel_cuda_manual_seed`, weight init under `get_cuda_rng_tracker().fork()`).
+   -> `CpuRNGStatesTracker`: the same named-state tracker over the CPU default generator. Seeds still come from
+   megatron's `model_parallel_cuda_manual_seed` (model-parallel seed = seed + 2718 + tp_rank), so different TP
+   ranks still draw different dropout masks inside `fork()`, as megatron-core intends.
+3. `pipeline_parallel/schedules.py` creates `torch.zeros(..., device="cuda")` token counters.
+4. `pipeline_parallel/p2p_communication.py` allocates receive buffers on `torch.cuda.current_device()` and calls
+   `torch.cuda.synchronize()`.
+   -> 3 and 4: those two modules see a `torch` proxy whose tensor factories map a CUDA device to the CPU and
+   whose `cuda.current_device()` / `cuda.synchronize()` are the CPU equivalents. Every other attribute is the
+   real `torch`, and no other module is touched.
+Two more spots, found beyond the four above once RoPE and the local-spec attention run:
+5. `models/common/embeddings/rotary_pos_embedding.py` moves RoPE's `inv_freq` to `torch.cuda.current_device()`
+   on the first forward, and
+6. `transformer/utils.py::get_default_causal_mask` builds the causal mask with `device="cuda"`, and
+7. `tensor_parallel/mappings.py` allocates all-gather outputs on `torch.cuda.current_device()` (gathering
+   logits in tests and baselines, sequence parallelism)
+   -> all three get the same `torch` proxy.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+_APPLIED = False
+
+
+# --- 1. global memory buffer ---------------------------------------------------------------------------
+def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    required_len = 1
+    for d in tensor_shape:
+        required_len *= d
+    buf = self.buffer.get((name, dtype))
+    if buf is None or buf.numel() < required_len:
+        buf = torch.empty(required_len, dtype=dtype, device="cpu", requires_grad=False)
+        self.buffer[(name, dtype)] = buf
+    return buf[0:required_len].view(*tensor_shape)
+
+
+# --- 2. RNG tracker ------------------------------------------------------------------------------------
+class CpuRNGStatesTracker:
+    """Named RNG states over the CPU default generator, with megatron's tracker interface."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+# --- 3 + 4. torch proxy for the pipeline modules --------------------------------------------------------
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return device
+
+
+def _wrap_factory(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """`torch.cuda` as the pipeline modules use it, on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _make_torch_proxy():
+    proxy = types.ModuleType("torch_cpu_proxy")
+    proxy.__dict__.update({k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    for name in ("zeros", "ones", "empty", "full", "tensor", "arange"):
+        setattr(proxy, name, _wrap_factory(getattr(torch, name)))
+    proxy.cuda = _CudaOnCpu(current_device=lambda: torch.device("cpu"), synchronize=lambda *a, **k: None)
+    return proxy
+
+
+def apply() -> None:
+    """Patch megatron-core's CUDA-only spots for CPU execution. Idempotent. Never call on a GPU machine."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.apply() must not be used when CUDA is available")
+    from megatron.core import utils as mcore_utils
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    proxy = _make_torch_proxy()
+    for module in (schedules, p2p_communication, rotary_pos_embedding, transformer_utils, mappings):
+        module.torch = proxy
+    _APPLIED = True
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed the default and model-parallel RNG states with megatron-core's own offsets, on CPU or GPU."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.manual_seed(seed)
+    mcore_random.model_parallel_cuda_manual_seed(seed)

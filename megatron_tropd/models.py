@@ -1,0 +1,157 @@
+"""Build megatron-core GPTModels (student and teacher) from a small architecture description.
+
+`ModelArch` is the architecture in Hugging Face terms (what a Llama / Qwen2 / Qwen3 config.json holds);
+`build_gpt_model` turns it into a TP/PP-sharded `GPTModel` for this rank's pipeline stage, with the
+Transformer Engine layer spec when TE is importable and megatron-core's local (pure torch) spec otherwise.
+`megatron_tropd.hf` maps HF config.json files to `ModelArch` and converts weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_tropd.parallel import ParallelGroups
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """A decoder-only transformer (Llama family: RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # = num_key_value_heads
+    ffn_hidden_size: int
+    vocab_size: int  # the real vocabulary (tokenizer size); padded at build time
+    max_position_embeddings: int = 4096
+    kv_channels: int | None = None  # head_dim; None = hidden / heads
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling dict (llama3 type supported)
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    architecture: str = "LlamaForCausalLM"
+    make_vocab_size_divisible_by: int = 128
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by * TP (megatron convention)."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def replace(self, **changes) -> "ModelArch":
+        return dataclasses.replace(self, **changes)
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return torch.cuda.is_available()
+
+
+@dataclass
+class BuildOptions:
+    """Numerics and memory options that are not part of the architecture."""
+
+    params_dtype: torch.dtype = torch.float32
+    use_te: bool | None = None  # None = auto (TE when importable and CUDA present)
+    recompute_activations: bool = False
+    sequence_parallel: bool = False
+    extra_config: dict = field(default_factory=dict)
+
+
+def transformer_config(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if arch.num_attention_heads % groups.tp_size or arch.num_query_groups % groups.tp_size:
+        raise ValueError(
+            f"tensor_parallel={groups.tp_size} must divide num_attention_heads={arch.num_attention_heads} "
+            f"and num_key_value_heads={arch.num_query_groups}"
+        )
+    if arch.num_layers % groups.pp_size:
+        raise ValueError(
+            f"pipeline_parallel={groups.pp_size} must divide num_hidden_layers={arch.num_layers}"
+        )
+    bf16 = opts.params_dtype == torch.bfloat16
+    fp16 = opts.params_dtype == torch.float16
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        sequence_parallel=opts.sequence_parallel and groups.tp_size > 1,
+        params_dtype=opts.params_dtype,
+        bf16=bf16,
+        fp16=fp16,
+        pipeline_dtype=opts.params_dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        init_method_std=0.02,
+        recompute_granularity="full" if opts.recompute_activations else None,
+        recompute_method="uniform" if opts.recompute_activations else None,
+        recompute_num_layers=1 if opts.recompute_activations else None,
+    )
+    kwargs.update(opts.extra_config)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: ModelArch, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions | None = None):
+    """This rank's stage of a GPTModel; logits stay vocabulary-sharded ([s, b, V_padded/tp])."""
+    from megatron.core.models.gpt import GPTModel
+
+    opts = opts or BuildOptions()
+    use_te = transformer_engine_available() if opts.use_te is None else opts.use_te
+    config = transformer_config(arch, groups, opts)
+    rope_scaling = arch.rope_scaling or {}
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type not in (None, "default", "llama3"):
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, llama3)")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=arch.padded_vocab_size(groups.tp_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rotary_base),
+        rope_scaling=rope_type == "llama3",
+        rope_scaling_factor=float(rope_scaling.get("factor", 8.0)),
+        pg_collection=groups.pg_collection(),
+    )
+    if groups.device.type == "cuda":
+        model = model.cuda()
+    return model
