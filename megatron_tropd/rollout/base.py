@@ -1,0 +1,61 @@
+"""The rollout engine interface: what the trainer and the evaluator ask of an inference engine.
+
+Two implementations: `EmbeddedEngine` (in-process, HF transformers with a KV cache; the default on one machine) and
+`SGLangEngine` (HTTP servers). Both return token ids and the engine's own log-probs of the sampled tokens at the
+sampling temperature, and record which weight version produced every sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (it is kept in the response)
+    seed: int = 0  # with the request's `seed_offset`, makes sampling reproducible (resume is bit-exact)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Generate `n` continuations of `prompt_ids + prefix_ids`.
+
+    `prefix_ids` are response tokens written by someone else (the teacher's off-policy prefix); they are part of
+    the returned response (`Sample.response_ids` starts with them) and flagged by `Sample.prefix_len`.
+    `max_new_tokens` in SamplingParams counts the whole response, prefix included.
+    """
+
+    prompt_ids: tuple[int, ...]
+    n: int = 1
+    prefix_ids: tuple[int, ...] = ()
+    request_id: int = 0  # stable id (e.g. global sample id); seeds the sampler together with SamplingParams.seed
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # prefix (if any) + generated tokens
+    logprobs: list[float]  # engine log-probs of the generated tokens (len = len(response_ids) - prefix_len)
+    finish_reason: str  # "stop" (a stop id was emitted) | "length"
+    weight_version: int
+    prefix_len: int = 0
+    request_id: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    @property
+    def weight_version(self) -> int: ...
+
+    def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[list[Sample]]:
+        """One list of `request.n` samples per request, in request order."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the engine's weights with HF-named tensors (streamed) and set the weight version."""
+
+    def close(self) -> None: ...
