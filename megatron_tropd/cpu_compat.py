@@ -7,7 +7,8 @@ behaviour is unchanged. Each patch replaces the CUDA device with the CPU and not
 
 1. `megatron.core.utils.GlobalMemoryBuffer.get_tensor` allocates its scratch buffer on
    `torch.cuda.current_device()` (used by sequence-parallel all-gathers and the TP linear layers).
-   -> the same buffer, allocated on the CPU.
+   -> `megatron.core.utils` sees the `torch` proxy described under 3 + 4 (so does its
+   `local_multi_tensor_l2_norm`, used for grad clipping without apex).
 2. `tensor_parallel.random.CudaRNGStatesTracker` stores and swaps CUDA generator states (dropout under TP,
    `model_parallel_cuda_manual_seed`, weight init under `get_cuda_rng_tracker().fork()`).
    -> `CpuRNGStatesTracker`: the same named-state tracker over the CPU default generator. Seeds still come from
@@ -26,6 +27,11 @@ Two more spots, found beyond the four above once RoPE and the local-spec attenti
 7. `tensor_parallel/mappings.py` allocates all-gather outputs on `torch.cuda.current_device()` (gathering
    logits in tests and baselines, sequence parallelism)
    -> all three get the same `torch` proxy.
+8. The training stack: `distributed/param_and_grad_buffer.py` and `distributed/distributed_data_parallel.py`
+   (DDP grad buffers on `torch.cuda.current_device()`), `optimizer/optimizer.py` and `optimizer/clip_grads.py`
+   (`device='cuda'` scalars for the loss scale, found-inf flag and grad norm) -> the same `torch` proxy;
+   `clip_grads.clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'` -> the same
+   in-place scaling by max_norm / (total_norm + 1e-6), asserting float32 on any device (`_clip_grads_fp32`).
 """
 from __future__ import annotations
 
@@ -35,18 +41,6 @@ import types
 import torch
 
 _APPLIED = False
-
-
-# --- 1. global memory buffer ---------------------------------------------------------------------------
-def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-    required_len = 1
-    for d in tensor_shape:
-        required_len *= d
-    buf = self.buffer.get((name, dtype))
-    if buf is None or buf.numel() < required_len:
-        buf = torch.empty(required_len, dtype=dtype, device="cpu", requires_grad=False)
-        self.buffer[(name, dtype)] = buf
-    return buf[0:required_len].view(*tensor_shape)
 
 
 # --- 2. RNG tracker ------------------------------------------------------------------------------------
@@ -96,6 +90,17 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(orig)
 
 
+# --- 8. grad clipping without the CUDA type assertion --------------------------------------------------
+def _clip_grads_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    for g in grads:
+        assert g.dtype == torch.float32, f"expected float32 main grads, got {g.dtype}"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
 # --- 3 + 4. torch proxy for the pipeline modules --------------------------------------------------------
 def _cpu_device(device):
     if device is None:
@@ -130,6 +135,20 @@ def _make_torch_proxy():
     return proxy
 
 
+_PROXIED_MODULES = (
+    "utils",  # 1. GlobalMemoryBuffer, and local_multi_tensor_l2_norm (grad clipping)
+    "pipeline_parallel.schedules",
+    "pipeline_parallel.p2p_communication",
+    "models.common.embeddings.rotary_pos_embedding",
+    "transformer.utils",
+    "tensor_parallel.mappings",
+    "distributed.param_and_grad_buffer",
+    "distributed.distributed_data_parallel",
+    "optimizer.optimizer",
+    "optimizer.clip_grads",
+)
+
+
 def apply() -> None:
     """Patch megatron-core's CUDA-only spots for CPU execution. Idempotent. Never call on a GPU machine."""
     global _APPLIED
@@ -137,20 +156,16 @@ def apply() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("cpu_compat.apply() must not be used when CUDA is available")
-    from megatron.core import utils as mcore_utils
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
-    from megatron.core.tensor_parallel import mappings
-    from megatron.core.transformer import utils as transformer_utils
-    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    import importlib
     from megatron.core.tensor_parallel import random as mcore_random
 
-    mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     proxy = _make_torch_proxy()
-    for module in (schedules, p2p_communication, rotary_pos_embedding, transformer_utils, mappings):
-        module.torch = proxy
+    for name in _PROXIED_MODULES:
+        importlib.import_module(f"megatron.core.{name}").torch = proxy
+    importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = _clip_grads_fp32
     _APPLIED = True
 
 

@@ -110,7 +110,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         distributed_timeout_minutes=timeout_minutes,
-        create_gloo_process_groups=cuda,  # on CPU every group already is gloo
+        create_gloo_process_groups=True,  # the optimizer asks for the gloo DP groups even on CPU
     )
     from megatron_tropd.cpu_compat import model_parallel_manual_seed
 
