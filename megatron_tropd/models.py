@@ -152,6 +152,35 @@ def build_gpt_model(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions 
         rope_scaling_factor=float(rope_scaling.get("factor", 8.0)),
         pg_collection=groups.pg_collection(),
     )
+    # megatron's llama3 scaling hard-codes low/high_freq_factor=1/4 and original_max_position_embeddings=8192 and
+    # truncates a float theta to int: set inv_freq exactly as HF computes it (before any forward fills its cache).
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        model.rotary_pos_emb.inv_freq = rope_inv_freq(arch, model.rotary_pos_emb.inv_freq.device)
     if groups.device.type == "cuda":
         model = model.cuda()
     return model
+
+
+def rope_inv_freq(arch: ModelArch, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2], as HF transformers computes them.
+
+    default: inv_freq_i = 1 / theta^(2i/d).  llama3: with wavelen = 2*pi/inv_freq, L = original_max_position_embeddings,
+    wavelen > L/low_freq_factor -> inv_freq/factor; wavelen < L/high_freq_factor -> unchanged; in between
+    (1 - s) * inv_freq/factor + s * inv_freq with s = (L/wavelen - low) / (high - low).
+    """
+    import math
+
+    dim = arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+    inv_freq = 1.0 / (arch.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    scaling = arch.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.to(device)
