@@ -81,10 +81,16 @@ def _chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
         yield slice(i, min(i + step, n_rows))
 
 
-def _z(x2d: torch.Tensor, rows: slice, shard: _Shard, temperature: float) -> torch.Tensor:
-    """z = logits / T on the real columns of a row chunk, in the compute dtype (never aliased for writing)."""
-    z = x2d[rows, : shard.n_real].to(shard.cdtype)
-    return z / temperature if temperature != 1.0 else z
+def _logp(x2d: torch.Tensor, rows: slice, shard: _Shard, temperature: float, m: torch.Tensor,
+          log_a: torch.Tensor) -> torch.Tensor:
+    """log p = (x - m) / T - log A on the real columns of a row chunk, in the compute dtype (a new tensor).
+
+    Centering the raw logits before dividing by T keeps log-probs accurate when logits are large (1e4 + noise).
+    """
+    z = x2d[rows, : shard.n_real].to(shard.cdtype) - m[rows].unsqueeze(-1)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z.sub_(log_a[rows].unsqueeze(-1))
 
 
 def _zero_nan(t: torch.Tensor) -> torch.Tensor:
@@ -92,8 +98,12 @@ def _zero_nan(t: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num_(t, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, 0.0)
+
+
 def _local_stats(x2d: torch.Tensor, shard: _Shard, temperature: float, with_entropy: bool):
-    """Per-token local max m_l, a_l = sum exp(z - m_l), b_l = sum exp(z - m_l) (z - m_l) over this shard."""
+    """Per-token local raw max m_l, a_l = sum exp(z_c), b_l = sum exp(z_c) z_c with z_c = (x - m_l) / T."""
     n = x2d.shape[0]
     m = torch.full((n,), -math.inf, dtype=shard.cdtype, device=x2d.device)
     a = torch.zeros(n, dtype=shard.cdtype, device=x2d.device)
@@ -101,9 +111,11 @@ def _local_stats(x2d: torch.Tensor, shard: _Shard, temperature: float, with_entr
     if shard.n_real == 0:
         return m, a, b
     for rows in _chunks(n, shard.n_real):
-        z = _z(x2d, rows, shard, temperature)
-        m_c = z.amax(dim=-1)
-        zc = z - torch.where(torch.isfinite(m_c), m_c, 0.0).unsqueeze(-1)
+        xc = x2d[rows, : shard.n_real].to(shard.cdtype)
+        m_c = xc.amax(dim=-1)
+        zc = xc - _finite_or_zero(m_c).unsqueeze(-1)
+        if temperature != 1.0:
+            zc.div_(temperature)
         e = zc.exp()
         m[rows], a[rows] = m_c, e.sum(dim=-1)
         if with_entropy:
@@ -112,28 +124,28 @@ def _local_stats(x2d: torch.Tensor, shard: _Shard, temperature: float, with_entr
 
 
 def _softmax_stats(xs: list[torch.Tensor], shard: _Shard, temperature: float, with_entropy: bool = False):
-    """Global per-token (lse, entropy or None) for each [n, v/tp] input, with 2 all-reduces of [len(xs), n].
+    """Global per-token (m, log A, entropy or None) for each [n, v/tp] input; 2 all-reduces of [len(xs), n].
 
-    With local statistics rescaled to the global max m (c_l = exp(m_l - m)):
-      A = sum_l c_l a_l,  B = sum_l c_l (b_l + a_l (m_l - m)),  lse = m + log A,  H = log A - B / A.
+    m is the global raw max, log p = (x - m) / T - log A. Local statistics are rescaled to m with
+    c_l = exp((m_l - m) / T):  A = sum_l c_l a_l,  B = sum_l c_l (b_l + a_l (m_l - m) / T),  H = log A - B / A.
     """
     stats = [_local_stats(x, shard, temperature, with_entropy) for x in xs]
-    m_loc = torch.stack([s[0] for s in stats])
-    m = _all_reduce(m_loc.clone(), shard, dist.ReduceOp.MAX)
-    m_safe = torch.where(torch.isfinite(m), m, 0.0)
-    m_loc_safe = torch.where(torch.isfinite(m_loc), m_loc, 0.0)
-    c = (m_loc_safe - m_safe).exp()
-    a = torch.stack([s[1] for s in stats]) * c
+    m_loc = _finite_or_zero(torch.stack([s[0] for s in stats]))
+    m = _finite_or_zero(_all_reduce(torch.stack([s[0] for s in stats]), shard, dist.ReduceOp.MAX))
+    shift = (m_loc - m) / temperature
+    c = shift.exp()
+    a_loc = torch.stack([s[1] for s in stats])
+    a = a_loc * c
+    k = len(xs)
     if with_entropy:
-        b = c * (torch.stack([s[2] for s in stats]) + torch.stack([s[1] for s in stats]) * (m_loc_safe - m_safe))
+        b = c * (torch.stack([s[2] for s in stats]) + a_loc * shift)
         ab = _all_reduce(torch.cat([a, b]), shard)
-        a, b = ab[: len(xs)], ab[len(xs):]
+        a, b = ab[:k], ab[k:]
     else:
         a = _all_reduce(a, shard)
     log_a = a.log()
-    lse = m_safe + log_a
     ent = (log_a - b / a) if with_entropy else None
-    return [(lse[i], None if ent is None else ent[i]) for i in range(len(xs))]
+    return [(m[i], log_a[i], None if ent is None else ent[i]) for i in range(k)]
 
 
 def _rows(t: torch.Tensor, v: int) -> torch.Tensor:
@@ -144,26 +156,25 @@ def _rows(t: torch.Tensor, v: int) -> torch.Tensor:
 # Log-probs at given ids (token_logprobs is the k = 1 case)
 # ----------------------------------------------------------------------------------------------------------------
 class _LogprobsAt(torch.autograd.Function):
-    """lp[n, j] = z[n, ids[n, j]] - lse[n];  d lp[n, j] / d z[n, i] = 1[i = ids[n, j]] - p[n, i]."""
+    """lp[n, j] = (x[n, ids[n, j]] - m[n]) / T - log A[n];  d lp[n, j] / d z[n, i] = 1[i = ids[n, j]] - p[n, i]."""
 
     @staticmethod
     def forward(ctx, logits, ids, shard: _Shard, temperature: float):
         x = _rows(logits, shard.v_local)
         idx = ids.reshape(x.shape[0], -1)
-        (lse, _), = _softmax_stats([x], shard, temperature)
+        (m, log_a, _), = _softmax_stats([x], shard, temperature)
         local = idx - shard.start
         owned = (local >= 0) & (local < shard.n_real)
         local = torch.where(owned, local, 0)
-        z_at = x.gather(1, local).to(shard.cdtype)
-        z_at = z_at / temperature if temperature != 1.0 else z_at
-        z_at = _all_reduce(torch.where(owned, z_at, 0.0), shard)
+        # raw logit at each id: exact, since the sum over ranks adds only zeros to it
+        x_at = _all_reduce(torch.where(owned, x.gather(1, local).to(shard.cdtype), 0.0), shard)
         ctx.shard, ctx.temperature = shard, temperature
-        ctx.save_for_backward(logits, local, owned, lse)
-        return (z_at - lse.unsqueeze(-1)).view(ids.shape)
+        ctx.save_for_backward(logits, local, owned, m, log_a)
+        return ((x_at - m.unsqueeze(-1)) / temperature - log_a.unsqueeze(-1)).view(ids.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, local, owned, lse = ctx.saved_tensors
+        logits, local, owned, m, log_a = ctx.saved_tensors
         shard, t = ctx.shard, ctx.temperature
         x = _rows(logits, shard.v_local)
         g = grad_out.reshape(local.shape).to(shard.cdtype)
@@ -171,7 +182,7 @@ class _LogprobsAt(torch.autograd.Function):
         grad = torch.zeros_like(x)
         if shard.n_real > 0:
             for rows in _chunks(x.shape[0], shard.n_real):
-                gz = (_z(x, rows, shard, t) - lse[rows].unsqueeze(-1)).exp_().mul_(-g_sum[rows])
+                gz = _logp(x, rows, shard, t, m, log_a).exp_().mul_(-g_sum[rows])
                 gz.scatter_add_(1, local[rows], g_own[rows])
                 grad[rows, : shard.n_real] = gz.div_(t) if t != 1.0 else gz
         return grad.view(logits.shape), None, None, None
@@ -216,21 +227,21 @@ class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, shard: _Shard, temperature: float):
         x = _rows(logits, shard.v_local)
-        (lse, ent), = _softmax_stats([x], shard, temperature, with_entropy=True)
+        (m, log_a, ent), = _softmax_stats([x], shard, temperature, with_entropy=True)
         ctx.shard, ctx.temperature = shard, temperature
-        ctx.save_for_backward(logits, lse, ent)
+        ctx.save_for_backward(logits, m, log_a, ent)
         return ent.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, lse, ent = ctx.saved_tensors
+        logits, m, log_a, ent = ctx.saved_tensors
         shard, t = ctx.shard, ctx.temperature
         x = _rows(logits, shard.v_local)
         g = grad_out.reshape(-1, 1).to(shard.cdtype)
         grad = torch.zeros_like(x)
         if shard.n_real > 0:
             for rows in _chunks(x.shape[0], shard.n_real):
-                logp = _z(x, rows, shard, t) - lse[rows].unsqueeze(-1)
+                logp = _logp(x, rows, shard, t, m, log_a)
                 gz = _zero_nan(logp.exp() * (logp + ent[rows].unsqueeze(-1))).mul_(-g[rows])
                 grad[rows, : shard.n_real] = gz.div_(t) if t != 1.0 else gz
         return grad.view(logits.shape), None, None
@@ -301,7 +312,7 @@ def topk_logprobs(logits: torch.Tensor, k: int, tp_group=None, *, temperature: f
         raise ValueError(f"k={k!r} must be an int in [1, vocab_size={shard.vocab_size}]")
     with torch.no_grad():
         x = _rows(logits.detach(), shard.v_local)
-        (lse, _), = _softmax_stats([x], shard, float(temperature))
+        (m, log_a, _), = _softmax_stats([x], shard, float(temperature))
         vals, ids = _local_topk(x, k, shard)
         if shard.group is not None:
             # one all-gather of (value, id) pairs; float64 holds fp32 values and ids < 2**53 exactly
@@ -315,21 +326,20 @@ def topk_logprobs(logits: torch.Tensor, k: int, tp_group=None, *, temperature: f
             vals, ids = vals.gather(1, order), ids.gather(1, order)
             order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]
             vals, ids = vals.gather(1, order), ids.gather(1, order)
-        z = vals / temperature if temperature != 1.0 else vals
         out_shape = tuple(logits.shape[:-1]) + (k,)
-        return (z - lse.unsqueeze(-1)).view(out_shape), ids.view(out_shape)
+        lp = (vals - m.unsqueeze(-1)) / temperature - log_a.unsqueeze(-1)
+        return lp.view(out_shape), ids.view(out_shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Full-vocabulary KL / JSD
 # ----------------------------------------------------------------------------------------------------------------
-def _kl_chunk(zs, zt, lse_s, lse_t, kind: str, beta: float):
+def _kl_chunk(lps, lpt, kind: str, beta: float):
     """Per-token partial sums on one chunk. Returns (value, kl_s_m or None) and the log-probs used.
 
     forward: sum p_T (log p_T - log p_S);  reverse: sum p_S (log p_S - log p_T);
     jsd: beta * sum p_T (log p_T - log m) + (1 - beta) * sum p_S (log p_S - log m),  m = beta p_T + (1-beta) p_S.
     """
-    lps, lpt = zs - lse_s.unsqueeze(-1), zt - lse_t.unsqueeze(-1)
     if kind == "forward":
         return _zero_nan(lpt.exp() * (lpt - lps)).sum(-1), None
     if kind == "reverse":
@@ -349,23 +359,23 @@ class _KL(torch.autograd.Function):
     def forward(ctx, s_logits, t_logits, shard: _Shard, temperature: float, kind: str, beta: float):
         xs, xt = _rows(s_logits, shard.v_local), _rows(t_logits, shard.v_local)
         n = xs.shape[0]
-        (lse_s, _), (lse_t, _) = _softmax_stats([xs, xt], shard, temperature)
+        (ms, la_s, _), (mt, la_t, _) = _softmax_stats([xs, xt], shard, temperature)
         sums = torch.zeros(2, n, dtype=shard.cdtype, device=xs.device)  # [value, KL(p_S || m)]
         if shard.n_real > 0:
             for rows in _chunks(n, shard.n_real):
-                val, kl_s = _kl_chunk(_z(xs, rows, shard, temperature), _z(xt, rows, shard, temperature),
-                                      lse_s[rows], lse_t[rows], kind, beta)
+                val, kl_s = _kl_chunk(_logp(xs, rows, shard, temperature, ms, la_s),
+                                      _logp(xt, rows, shard, temperature, mt, la_t), kind, beta)
                 sums[0, rows] = val
                 if kl_s is not None:
                     sums[1, rows] = kl_s
         sums = _all_reduce(sums if kind == "jsd" else sums[:1].contiguous(), shard)
         ctx.shard, ctx.temperature, ctx.kind, ctx.beta = shard, temperature, kind, beta
-        ctx.save_for_backward(s_logits, t_logits, lse_s, lse_t, sums[-1])
+        ctx.save_for_backward(s_logits, t_logits, ms, la_s, mt, la_t, sums[-1])
         return sums[0].view(s_logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        s_logits, t_logits, lse_s, lse_t, kl = ctx.saved_tensors
+        s_logits, t_logits, ms, la_s, mt, la_t, kl = ctx.saved_tensors
         shard, t, kind, beta = ctx.shard, ctx.temperature, ctx.kind, ctx.beta
         xs, xt = _rows(s_logits, shard.v_local), _rows(t_logits, shard.v_local)
         g = grad_out.reshape(-1, 1).to(shard.cdtype)
@@ -374,8 +384,8 @@ class _KL(torch.autograd.Function):
         grad = torch.zeros_like(xs)
         if shard.n_real > 0:
             for rows in _chunks(xs.shape[0], shard.n_real):
-                lps = _z(xs, rows, shard, t) - lse_s[rows].unsqueeze(-1)
-                lpt = _z(xt, rows, shard, t) - lse_t[rows].unsqueeze(-1)
+                lps = _logp(xs, rows, shard, t, ms, la_s)
+                lpt = _logp(xt, rows, shard, t, mt, la_t)
                 if kind == "forward":
                     gz = lps.exp_().sub_(lpt.exp_())
                 else:
