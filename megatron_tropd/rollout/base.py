@@ -34,6 +34,10 @@ class GenerationRequest:
     n: int = 1
     prefix_ids: tuple[int, ...] = ()
     request_id: int = 0  # stable id (e.g. global sample id); seeds the sampler together with SamplingParams.seed
+    # Samples are numbered first_sample_index .. first_sample_index + n - 1; sample k is seeded by
+    # (SamplingParams.seed, request_id, k), so splitting a request into n=1 requests reproduces the same samples.
+    first_sample_index: int = 0
+    max_new_tokens: int | None = None  # per-request cap on the response (prefix included); None: the params' value
 
 
 @dataclass
