@@ -76,7 +76,7 @@ def extract_math_answer(text: str) -> str | None:
     matches = list(_FINAL.finditer(text))
     if matches:
         ans = next(g for g in matches[-1].groups() if g is not None).strip()
-        ans = re.sub(r"^\$+|\$+$", "", ans.strip()).strip()
+        ans = re.sub(r"^\$+|\$+$", "", ans.strip().rstrip(".").strip()).strip()
         return ans.rstrip(".").strip() or None
     nums = _NUMBER.findall(text)
     return nums[-1] if nums else None
