@@ -207,7 +207,7 @@ CASES = [
     ObjectiveConfig(name="opd", aggregation="sequence_mean"),
     ObjectiveConfig(name="reopold"),
     ObjectiveConfig(name="reopold", mask_clipped=True),
-    ObjectiveConfig(name="reopold", floor=-1.0, switch_step=2, entropy_frac=0.4),
+    ObjectiveConfig(name="reopold", floor=-1.0, switch_step=STEP, entropy_frac=0.4),
     ObjectiveConfig(name="reopold", switch_step=STEP + 1),  # stage 1 still
     ObjectiveConfig(name="eopd", eopd_topk=4, eopd_tau=0.8),
     ObjectiveConfig(name="eopd", eopd_topk=6, eopd_alpha=0.5, eopd_tau=1.2),
