@@ -1,0 +1,310 @@
+"""`tropd train`: the distillation loop.
+
+    for step in range(start, steps):
+        prompts   = sampler.next_batch()                                   # data (resumable order)
+        samples   = generate_with_prefixes(student_engine, teacher_engine)  # rollouts (+ teacher prefixes)
+        batch     = build_batch(samples) -> this DP rank's share
+        metrics   = distill_step(student, teacher, batch, objective)      # teacher scoring + student update
+        student_engine.update_weights(export(student), version=step + 1)  # weight sync
+        eval / checkpoint / log
+
+Rollouts are generated on global rank 0 (embedded engine) and broadcast; every other piece runs on all ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("tropd")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (see docs/configuration.md)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in run_dir")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=20")
+
+
+def run(args) -> int:
+    from megatron_tropd.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, list(args.overrides) + (["train.resume=true"] if args.resume else []))
+    except ConfigError as e:
+        raise SystemExit(f"tropd train: {e}")
+    logging.basicConfig(level=logging.INFO, format="[tropd] %(message)s")
+    summary = train(cfg)
+    return 0 if summary is not None else 1
+
+
+def resolve_model_path(path: str, cache_dir: Path) -> Path:
+    """An HF checkpoint dir, or a built-in model materialised offline into the cache."""
+    from megatron_tropd.pretrained import make_layer_subset_student, materialize_smollm2
+
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        base = materialize_smollm2(cache_dir / "smollm2-135m-instruct")
+        if name == "smollm2-135m-instruct":
+            return base
+        if name.startswith("smollm2-135m-instruct:every"):
+            k = int(name.rsplit("every", 1)[1])
+            return make_layer_subset_student(base, cache_dir / f"smollm2-135m-instruct-every{k}", keep_every=k)
+        raise ValueError(f"unknown builtin model {path!r}; known: builtin:smollm2-135m-instruct[:everyK]")
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path!r} is not an HF checkpoint directory (no config.json)")
+    return p
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TROPD_CACHE", Path.home() / ".cache" / "megatron_tropd"))
+
+
+def train(cfg) -> dict | None:
+    from transformers import AutoTokenizer
+
+    from megatron_tropd import parallel
+    from megatron_tropd.batch import build_batch
+    from megatron_tropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_tropd.config import save_config
+    from megatron_tropd.data import PromptDataset, PromptSampler
+    from megatron_tropd.hf import arch_from_hf_config, iter_hf_tensors
+    from megatron_tropd.metrics import MetricsLogger, format_summary
+    from megatron_tropd.objectives import PrefixOptions, build_objective
+    from megatron_tropd.roles import build_student, build_teacher, check_vocab_compatible, hf_loader
+    from megatron_tropd.rollout.base import SamplingParams
+    from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
+    from megatron_tropd.step import StepOptions, distill_step
+
+    t_start = time.time()
+    groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                                 seed=cfg.train.seed)
+    is_logger = groups.rank == 0
+    run_dir = Path(cfg.train.run_dir)
+    cache = _cache_dir()
+    # Rank 0 materialises built-in models first; the others then find them complete in the cache.
+    if is_logger:
+        student_dir, teacher_dir = (resolve_model_path(cfg.student.path, cache),
+                                    resolve_model_path(cfg.teacher.path, cache))
+    dist.barrier()
+    if not is_logger:
+        student_dir, teacher_dir = (resolve_model_path(cfg.student.path, cache),
+                                    resolve_model_path(cfg.teacher.path, cache))
+    s_arch, t_arch = arch_from_hf_config(student_dir), arch_from_hf_config(teacher_dir)
+    check_vocab_compatible(student_dir, teacher_dir, s_arch, t_arch)
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    vocab = s_arch.vocab_size
+
+    objective = build_objective(cfg.objective)
+    updates = cfg.train.steps * cfg.optim.updates_per_batch * cfg.optim.minibatches_per_update
+    student = build_student(s_arch, groups, hf_loader(student_dir, s_arch, groups), cfg.optim, updates,
+                            dtype=cfg.student.dtype, recompute=cfg.student.recompute_activations,
+                            sequence_parallel=cfg.parallel.sequence_parallel,
+                            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    teacher = build_teacher(t_arch, groups, hf_loader(teacher_dir, t_arch, groups), dtype=cfg.teacher.dtype,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
+
+    dataset = PromptDataset(cfg.data, tokenizer)
+    sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
+    n_per = cfg.rollout.samples_per_prompt
+    stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
+    params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                            max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids, seed=cfg.train.seed)
+    prefix_opts = PrefixOptions(total_steps=cfg.train.steps, enabled=cfg.guidance.enabled,
+                                max_response_len=cfg.guidance.max_prefix_tokens or cfg.rollout.max_new_tokens,
+                                prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed)
+    step_opts = StepOptions(temperature=cfg.rollout.temperature, vocab_size=vocab,
+                            micro_batch_size=cfg.optim.micro_batch_size,
+                            updates_per_batch=cfg.optim.updates_per_batch,
+                            minibatches_per_update=cfg.optim.minibatches_per_update)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    start = 0
+    if cfg.train.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, student, groups)
+            sampler.load_state_dict(state["sampler"])
+            start = state["step"] + 1
+            if is_logger:
+                log.info(f"resumed from {ckpt} (next step {start})")
+        elif is_logger:
+            log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
+
+    engines = _build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, is_logger, groups)
+    sync_weights(engines, student, groups, s_arch, version=start)  # the engine samples with the trained weights
+
+    logger = None
+    if is_logger:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=start - 1 if start else None,
+                               total_steps=cfg.train.steps, progress=cfg.train.progress)
+    eval_params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0,
+                                 max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                                 stop_token_ids=stop_ids, seed=cfg.train.seed + 1)
+    evaluate = _make_eval(cfg, dataset.eval, engines, student, teacher, groups, tokenizer, eval_params, vocab, pad_id)
+    before = evaluate(start) if start == 0 and dataset.eval else None
+    if logger and before:
+        logger.log_eval(0, before)
+
+    for step in range(start, cfg.train.steps):
+        t0 = time.time()
+        prompts = sampler.next_batch()
+        samples = None
+        if is_logger:
+            rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]
+            lengths = plan_prefix_lengths([p.id for p in prompts], n_per, step, prefix_opts)
+            per_prompt = generate_with_prefixes(engines["student"], engines.get("teacher"), prompts, lengths,
+                                                params, request_ids=rids)
+            samples = [s for rid, group in zip(rids, per_prompt) for j, s in enumerate(group)]
+            sample_ids = [rid * n_per + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
+            _check_versions(samples, engines["student"].weight_version, cfg.rollout.max_weight_lag)
+            payload = (samples, sample_ids)
+        else:
+            payload = None
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        samples, sample_ids = box[0]
+        t_roll = time.time() - t0
+        batch = build_batch(samples, pad_id, sample_ids, pad_to_multiple=8 * groups.tp_size)
+        mine = batch.split(groups.dp_size)[groups.dp_rank]
+        metrics = distill_step(student, teacher, mine, objective, groups, step, step_opts)
+        sync_weights(engines, student, groups, s_arch, version=step + 1)
+        dt = time.time() - t0
+        n_tokens = int(batch.response_mask.sum())
+        metrics.update({"time/step_s": dt, "time/rollout_s": t_roll, "throughput/tokens_per_s": n_tokens / dt,
+                        "weight_version": step + 1})
+        if logger:
+            logger.log(step, metrics)
+        if cfg.eval.interval and (step + 1) % cfg.eval.interval == 0 and step + 1 < cfg.train.steps:
+            ev = evaluate(step + 1)
+            if logger and ev:
+                logger.log_eval(step + 1, ev)
+        last = step + 1 == cfg.train.steps
+        if (cfg.train.save_interval and (step + 1) % cfg.train.save_interval == 0) or last:
+            save_checkpoint(run_dir, step, student, groups, {"sampler": sampler.state_dict()},
+                            keep_last=cfg.train.keep_last)
+
+    after = evaluate(cfg.train.steps) if dataset.eval else None
+    summary = None
+    if logger:
+        if after:
+            logger.log_eval(cfg.train.steps, after)
+        logger.close()
+        summary = {"before": before, "after": after, "steps": cfg.train.steps, "run_dir": str(run_dir),
+                   "wall_s": time.time() - t_start}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(_summary_text(summary, run_dir, format_summary))
+    for e in engines.values():
+        e.close()
+    parallel.destroy()
+    return summary if is_logger else {}
+
+
+def _build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, is_logger, groups) -> dict:
+    if cfg.rollout.engine != "embedded":
+        raise NotImplementedError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; "
+                                  f"use rollout.engine=embedded")
+    if not is_logger:
+        return {}
+    from megatron_tropd.roles import DTYPES
+    from megatron_tropd.rollout.embedded import EmbeddedEngine
+
+    dtype = DTYPES[cfg.rollout.engine_dtype]
+    engines = {"student": EmbeddedEngine(str(student_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)}
+    if cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0:
+        engines["teacher"] = EmbeddedEngine(str(teacher_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)
+    return engines
+
+
+def sync_weights(engines: dict, student, groups, arch, version: int) -> None:
+    """Stream the student's HF-named tensors into the student engine (collective over TP x PP ranks)."""
+    from megatron_tropd.hf import iter_hf_tensors
+
+    stream = iter_hf_tensors(student.gpt, groups, arch)
+    if "student" in engines:
+        engines["student"].update_weights(stream, version)
+    else:
+        for _ in stream:  # the other ranks take part in the gathers
+            pass
+
+
+def _check_versions(samples, version: int, max_lag: int) -> None:
+    stale = [s.weight_version for s in samples if version - s.weight_version > max_lag]
+    if stale:
+        raise RuntimeError(f"{len(stale)} rollouts were generated with stale weights (versions {sorted(set(stale))}, "
+                           f"current {version}, rollout.max_weight_lag={max_lag}); refusing to train on them")
+
+
+def _make_eval(cfg, prompts, engines, student, teacher, groups, tokenizer, params, vocab, pad_id):
+    """Held-out evaluation: reverse-KL estimate to the teacher (K1 on the student's own samples), teacher-student
+    token agreement (teacher argmax == sampled token), task accuracy with the dataset's scorer, response length."""
+    from megatron_tropd.batch import build_batch
+    from megatron_tropd.objectives import Requirements
+    from megatron_tropd.pipeline import broadcast_from_last_stage
+    from megatron_tropd.rollout.base import GenerationRequest
+    from megatron_tropd.scoring import score_student_old, score_teacher
+
+    n = cfg.eval.samples_per_prompt
+
+    def evaluate(step: int) -> dict | None:
+        payload = None
+        if groups.rank == 0:
+            reqs = [GenerationRequest(prompt_ids=tuple(p.token_ids), n=n, request_id=10_000_000 + p.id)
+                    for p in prompts]
+            out = engines["student"].generate(reqs, params)
+            samples = [s for group in out for s in group]
+            scores = [p.score(tokenizer.decode(s.response_ids, skip_special_tokens=True))
+                      for p, group in zip(prompts, out) for s in group]
+            payload = (samples, scores)
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        samples, scores = box[0]
+        batch = build_batch(samples, pad_id, pad_to_multiple=8 * groups.tp_size)
+        mine = batch.split(groups.dp_size)[groups.dp_rank] if batch.size % groups.dp_size == 0 else batch
+        micro = mine.micro_batches(1) if mine.size % cfg.optim.micro_batch_size else \
+            mine.micro_batches(cfg.optim.micro_batch_size)
+        kw = dict(temperature=params.temperature or 1.0, vocab_size=vocab)
+        t = score_teacher(teacher.model, micro, groups, Requirements(teacher_topk=1), **kw)
+        s = score_student_old(student.model, micro, groups, Requirements(), **kw)
+        result = None
+        if groups.is_last_stage:
+            kl = agree = count = 0.0
+            for mb, to, so in zip(micro, t, s):
+                m = mb.response_mask & ~mb.prefix_mask
+                kl += float((so["lp_old"] - to["lp_t"])[m].double().sum())
+                agree += float((to["tk_ids"][..., 0] == mb.targets)[m].double().sum())
+                count += float(m.sum())
+            stats = torch.tensor([kl, agree, count], dtype=torch.float64)
+            if groups.dp_size > 1 and batch.size % groups.dp_size == 0:
+                dist.all_reduce(stats, group=groups.dp)
+            kl, agree, count = stats.tolist()
+            result = {"reverse_kl_k1": kl / max(count, 1), "token_agreement": agree / max(count, 1),
+                      "accuracy": sum(scores) / max(len(scores), 1),
+                      "response_length": float(batch.response_mask.sum()) / batch.size}
+        return broadcast_from_last_stage(result, groups)
+
+    return evaluate
+
+
+def _summary_text(summary: dict, run_dir: Path, format_summary) -> str:
+    b, a = summary["before"] or {}, summary["after"] or {}
+    lines = ["", "=" * 72, f"tropd train finished: {summary['steps']} steps in {summary['wall_s']:.0f}s", ""]
+    lines.append(f"{'held-out metric':<28}{'before':>12}{'after':>12}")
+    for key in ("reverse_kl_k1", "token_agreement", "accuracy", "response_length"):
+        if key in b or key in a:
+            lines.append(f"{key:<28}{b.get(key, float('nan')):>12.4f}{a.get(key, float('nan')):>12.4f}")
+    lines += ["", f"outputs: {run_dir}/  (metrics.jsonl, eval_metrics.jsonl, tensorboard/, checkpoints/, "
+              f"summary.json, config.yaml)", f"curves:  tropd plot {run_dir}", "=" * 72]
+    try:
+        lines.insert(3, format_summary(run_dir / "metrics.jsonl"))
+    except Exception:  # noqa: BLE001 - the summary table is a convenience
+        pass
+    return "\n".join(lines)
