@@ -561,3 +561,37 @@ def test_full_vocab_through_ops_kl_divergence():
         ref = {"forward": (pt * (pt.log() - ps.log())).sum(-1), "reverse": (ps * (ps.log() - pt.log())).sum(-1),
                "jsd": 0.3 * (pt * (pt.log() - m.log())).sum(-1) + 0.7 * (ps * (ps.log() - m.log())).sum(-1)}[kind]
         torch.testing.assert_close(kl, ref, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------ prefix schedule
+def test_max_prefix_len_cosine_schedule():
+    from megatron_tropd.objectives import max_prefix_len
+
+    L, T = 8096, 200
+    for t in range(T + 1):
+        assert max_prefix_len(t, T, L) == math.floor(L * (1 + math.cos(math.pi * t / T)) / 2)
+    assert max_prefix_len(0, T, L) == L and max_prefix_len(T, T, L) == 0 and max_prefix_len(T // 2, T, L) == L // 2
+    assert max_prefix_len(T + 5, T, L) == 0  # clamped past the last step
+    with pytest.raises(ValueError, match="step"):
+        max_prefix_len(-1, T, L)
+
+
+def test_sample_prefix_lengths_fraction_range_determinism():
+    from megatron_tropd.objectives import PrefixOptions, max_prefix_len, sample_prefix_lengths
+
+    opts = PrefixOptions(total_steps=100, max_response_len=40, seed=3)
+    step = 30
+    l_max = max_prefix_len(step, 100, 40)
+    plans = [sample_prefix_lengths(pid, 4, step, opts) for pid in range(400)]
+    assert plans == [sample_prefix_lengths(pid, 4, step, opts) for pid in range(400)]  # deterministic
+    assert all(p[2:] == [0, 0] and all(1 <= x <= l_max for x in p[:2]) for p in plans)  # 0.5 of 4 rollouts
+    vals = [x for p in plans for x in p[:2]]
+    assert set(vals) == set(range(1, l_max + 1))  # the whole range Uniform{1..L_max} occurs
+    assert abs(sum(vals) / len(vals) - (l_max + 1) / 2) < 1.0
+    assert sample_prefix_lengths(0, 4, step, PrefixOptions(100, 40, seed=4)) != plans[0] or \
+        sample_prefix_lengths(1, 4, step, PrefixOptions(100, 40, seed=4)) != plans[1]  # seed matters
+    assert sample_prefix_lengths(5, 4, 100, opts) == [0, 0, 0, 0]  # L_max(T) = 0
+    assert sample_prefix_lengths(5, 4, 0, PrefixOptions(100, 40, enabled=False)) == [0, 0, 0, 0]
+    assert sum(x > 0 for x in sample_prefix_lengths(5, 8, 0, PrefixOptions(100, 40, prefix_fraction=0.25))) == 2
+    with pytest.raises(ValueError, match="prefix_fraction"):
+        PrefixOptions(100, 40, prefix_fraction=1.5)

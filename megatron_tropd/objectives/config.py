@@ -32,7 +32,7 @@ class ObjectiveConfig:
     # --- PPO clip (OPD-type terms) -----------------------------------------------------------------------------
     ppo_clip: bool | None = None  # None = objective default (on for eopd, off otherwise)
     clip_eps_low: float = 0.2  # rho clipped to [1 - eps_low, 1 + eps_high]
-    clip_eps_high: float = 0.2
+    clip_eps_high: float = 0.2  # upper clip: rho <= 1 + eps_high
     # --- REOPOLD / TrOPD "clip" outliers ------------------------------------------------------------------------
     reopold_lambda: float = 0.1  # floor = log(lambda) / (1 - lambda)
     floor: float | None = None  # overrides the floor computed from reopold_lambda

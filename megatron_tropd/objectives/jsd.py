@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from .common import (TermMetrics, entropy_metrics, policy_gradient_term, ratio, safe, select_topk,
-                     teacher_topk_probs)
+from .common import (TermMetrics, entropy_metrics, policy_gradient_term, ratio, reward, reward_metrics, safe,
+                     select_topk, teacher_topk_probs)
 from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
 from .opd import _clip
@@ -43,6 +43,7 @@ def jsd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMe
     loss = safe(direct, mask) + pg
     dt = inputs.lp_old.dtype
     m: TermMetrics = {
+        **reward_metrics(reward(inputs.lp_t, inputs.lp_old), mask),
         "loss/jsd_topk": (direct.detach(), mask),
         "loss/jsd_reward": (pg.detach(), mask),
         "jsd_reward_mean": (r_jsd, mask),
