@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""  # HF checkpoint dir, or "builtin:smollm2-135m-instruct[:every5]" (shipped, offline)
-    megatron_checkpoint: str | None = None  # dist checkpoint to load instead of the HF weights
+    megatron_checkpoint: str | None = None  # megatron dist checkpoint to load instead of path's HF weights
+
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (GPU) | float16
     recompute_activations: bool = False  # full activation recompute (student only)
 
@@ -44,9 +45,9 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant | cosine | linear (after warmup)
     warmup_steps: int = 0  # linear warmup over this many optimizer steps
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
     clip_grad: float = 1.0  # global grad-norm clipping (0 = off)
     micro_batch_size: int = 4  # sequences per micro-batch (gradient accumulation over micro-batches)
     updates_per_batch: int = 1  # PPO-style epochs over each rollout batch
@@ -59,7 +60,7 @@ class RolloutConfig:
     prompts_per_step: int = 8  # prompts sampled per step
     samples_per_prompt: int = 4  # rollouts per prompt
     temperature: float = 1.0  # sampling temperature; the teacher scores at this temperature too
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; log-probs are still of the unfiltered tempered distribution
     max_new_tokens: int = 128  # maximum response length L (teacher prefix included)
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids (the tokenizer's EOS always stops)
     engine_dtype: str = "float32"  # dtype of the embedded engine's HF model

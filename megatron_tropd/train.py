@@ -101,13 +101,20 @@ def train(cfg) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     vocab = s_arch.vocab_size
 
+    def loader(model_cfg, hf_dir, arch):
+        if model_cfg.megatron_checkpoint:
+            from megatron_tropd.hf import load_megatron_checkpoint
+
+            return lambda model: load_megatron_checkpoint(model, model_cfg.megatron_checkpoint, groups)
+        return hf_loader(hf_dir, arch, groups)
+
     objective = build_objective(cfg.objective)
     updates = cfg.train.steps * cfg.optim.updates_per_batch * cfg.optim.minibatches_per_update
-    student = build_student(s_arch, groups, hf_loader(student_dir, s_arch, groups), cfg.optim, updates,
+    student = build_student(s_arch, groups, loader(cfg.student, student_dir, s_arch), cfg.optim, updates,
                             dtype=cfg.student.dtype, recompute=cfg.student.recompute_activations,
                             sequence_parallel=cfg.parallel.sequence_parallel,
                             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    teacher = build_teacher(t_arch, groups, hf_loader(teacher_dir, t_arch, groups), dtype=cfg.teacher.dtype,
+    teacher = build_teacher(t_arch, groups, loader(cfg.teacher, teacher_dir, t_arch), dtype=cfg.teacher.dtype,
                             sequence_parallel=cfg.parallel.sequence_parallel)
 
     dataset = PromptDataset(cfg.data, tokenizer)
