@@ -234,6 +234,8 @@ def test_matches_float64_reference(cfg):
     for g, rg, name in zip(grads, ref_g, ("lp_s", "sk_lp", "full_kl")):
         torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-12, msg=f"grad {name}")
     assert grads[0].abs().sum() > 0  # the test data exercise the on-policy or prefix gradient
+    if cfg.name == "opd" and cfg.ppo_clip:  # and the PPO clip is active on some tokens
+        assert 0 < float(run(inp, cfg)[2]["clipped_frac"][0])
 
 
 def test_reference_cases_exercise_every_branch():
@@ -336,9 +338,12 @@ def test_teacher_minus_inf_and_garbage_padding_are_finite(name):
         assert torch.isfinite(gr).all()
         assert (gr[pad] == 0).all()
     assert all(math.isfinite(float(v)) for v, _ in metrics.values())
+    per_tok, m = per_token_loss(inp, cfg)
     if name == "tropd":  # -inf teacher log-prob: P_trust = 0, always an outlier
-        per_tok, m = per_token_loss(inp, cfg)
         assert not m["trust/frac"][0][first[:, 0], first[:, 1]].any()
+    if name == "opd":  # no finite K1 reward: nothing applies, the token contributes exactly 0
+        assert (per_tok[first[:, 0], first[:, 1]] == 0).all()
+        assert float(metrics["reward/nonfinite_frac"][0]) == 3
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -423,7 +428,7 @@ def test_metrics_means():
     trust = [ref_trust(inp, 0, i, t, inp.lp_old) for i, t in onp]
     assert means["trust/frac"] == pytest.approx(sum(trust) / len(trust))
     assert means["trust/outlier_frac"] == pytest.approx(1 - sum(trust) / len(trust))
-    fkl = [ref_fkl(inp.tk_lp[i, t], [float(x) for x in inp.sk_lp[i, t]], False)
+    fkl = [ref_fkl(inp.tk_lp[i, t], [float(x) for x in inp.sk_lp[i, t].detach()], False)
            for (i, t), tr in zip(onp, trust) if not tr]
     assert means["fkl_outlier"] == pytest.approx(sum(fkl) / len(fkl))
     assert means["entropy/teacher"] == pytest.approx(sum(float(inp.ent_t[i, t]) for i, t in onp) / len(onp))
@@ -543,6 +548,12 @@ def test_requirements_and_missing_inputs():
     bad.prefix_mask = ~bad.response_mask
     with pytest.raises(ValueError, match="subset"):
         build_objective("opd")(bad, w)
+    bad = make_batch(13)
+    bad.lp_t = bad.lp_t[:, :-1]
+    with pytest.raises(ValueError, match="lp_t must be"):
+        build_objective("opd")(bad, w)
+    with pytest.raises(ValueError, match="weights must be"):
+        build_objective("opd")(make_batch(13), w[:, :-1])
 
 
 def test_full_vocab_through_ops_kl_divergence():

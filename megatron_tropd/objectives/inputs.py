@@ -61,12 +61,11 @@ class TokenInputs:
             v = getattr(self, f.name)
             if not isinstance(v, torch.Tensor) or f.name == "sample_ids":
                 continue
-            want = shape if v.dim() == 2 else None
             if f.name in ("tk_lp", "tk_ids", "sk_lp"):
                 if v.dim() != 3 or tuple(v.shape[:2]) != shape:
                     raise ValueError(f"{f.name} must be [b, s, k] with [b, s] = {shape}, got {tuple(v.shape)}")
-            elif want is None:
-                raise ValueError(f"{f.name} must be [b, s] = {shape}, got shape {tuple(v.shape)}")
+            elif tuple(v.shape) != shape:
+                raise ValueError(f"{f.name} must be [b, s] = {shape} like lp_s, got shape {tuple(v.shape)}")
         if tuple(self.sample_ids.shape) != shape[:1]:
             raise ValueError(f"sample_ids must be [b] = [{shape[0]}], got {tuple(self.sample_ids.shape)}")
         for name in ("response_mask", "prefix_mask"):
