@@ -38,9 +38,27 @@ def run(args) -> int:
         cfg = load_config(args.config, list(args.overrides) + (["train.resume=true"] if args.resume else []))
     except ConfigError as e:
         raise SystemExit(f"tropd train: {e}")
-    logging.basicConfig(level=logging.INFO, format="[tropd] %(message)s")
+    quiet_libraries()
     summary = train(cfg)
     return 0 if summary is not None else 1
+
+
+def quiet_libraries() -> None:
+    """Our progress and metrics on stdout; megatron's config dumps, HF progress bars and fallback warnings off."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="[tropd] %(message)s")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def resolve_model_path(path: str, cache_dir: Path) -> Path:

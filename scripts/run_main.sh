@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Set up (or reuse) the pinned virtualenv, then run the main job. Extra args are passed through.
+# Set up (or reuse) the pinned virtualenv, then run the main job: TrOPD distillation of SmolLM2-135M-Instruct into
+# a 6-layer student on CPU. Extra arguments are config overrides (section.key=value).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/setup_env.sh")"
 cd "$root"
-if "$venv/bin/python" -c "import megatron_tropd.train" 2>/dev/null; then
-    exec "$venv/bin/tropd" train --config examples/configs/smollm2_tropd_cpu.yaml "$@"
-fi
-# Until the trainer lands: the smallest real thing the package does (TP=2 forward vs unsharded).
-exec "$venv/bin/tropd" smoke --tp 2 "$@"
+exec "$venv/bin/tropd" train --config examples/configs/smollm2_tropd_cpu.yaml "$@"
