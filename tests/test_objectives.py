@@ -288,6 +288,22 @@ def test_tropd_with_full_trust_equals_opd(outlier):
     assert float(m["trust/frac"][0] / m["trust/frac"][1]) == 1.0
 
 
+def test_trust_logprob_rollout_uses_lp_roll():
+    inp = make_batch(15, b=6, prefix=False)
+    with torch.no_grad():
+        inp.lp_old.copy_(inp.lp_t - 0.5)  # r_old > 0: P_trust(old) = 1
+        inp.lp_roll.copy_(inp.lp_t + 1.0)  # P_trust(rollout) = exp(-1)
+    frac = {}
+    for which in ("old", "rollout"):
+        cfg = ObjectiveConfig(name="tropd", topk=6, trust_logprob=which)
+        loss, grads, m = run(inp, cfg)
+        ref, ref_g = ref_grads(inp, cfg)
+        assert float(loss) == pytest.approx(float(ref), rel=1e-12)
+        torch.testing.assert_close(grads[1], ref_g[1], rtol=1e-10, atol=1e-14)
+        frac[which] = float(m["trust/frac"][0] / m["trust/frac"][1])
+    assert frac["old"] == 1.0 and 0.1 < frac["rollout"] < 0.7
+
+
 def test_fkl_outlier_gradient_is_direct_forward_kl():
     """All tokens outliers (lp_t very low): d loss / d logits_S = w * sum_v pi_T,v d(-log pi_S,v), and the
     sampled token's log-prob gets no gradient (it is not a detached reward)."""
@@ -455,7 +471,7 @@ def test_microbatch_split_and_order_give_same_loss_and_grad():
             mb.entropy_threshold = thr
             w = token_weights(mb.response_mask, mb.prefix_mask, counts, cfg.aggregation, torch.float64)
             loss, _ = obj(mb, w)
-            total += float(loss)
+            total += float(loss.detach())
             g[idx] = torch.autograd.grad(loss, mb.lp_s)[0]
         assert total == pytest.approx(float(loss_full), rel=1e-12)
         torch.testing.assert_close(g, g_full[0], rtol=1e-12, atol=1e-15)
