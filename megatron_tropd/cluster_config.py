@@ -32,6 +32,7 @@ class SGLangConfig:
     dtype: str = "auto"  # SGLang --dtype
     context_length: int | None = None  # None = the model's
     extra_args: list[str] = field(default_factory=list)  # passed verbatim to sglang.launch_server
+    python: str = "python"  # interpreter with SGLang (the Docker image: /opt/sglang/bin/python, its own venv)
     startup_timeout_s: int = 900  # how long the trainer waits for /health
 
 

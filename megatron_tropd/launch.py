@@ -240,7 +240,8 @@ def _env_prefix(env: dict[str, str]) -> str:
 
 
 def server_argv(s: Server, sg: SGLangConfig) -> list[str]:
-    argv = ["python", "-m", "sglang.launch_server", "--model-path", s.model_path,
+    python = sg.python if sg.python != "python" else os.environ.get("TROPD_SGLANG_PYTHON", "python")
+    argv = [python, "-m", "sglang.launch_server", "--model-path", s.model_path,
             "--tp-size", str(sg.tp_size), "--host", sg.host, "--port", str(s.port),
             "--mem-fraction-static", str(sg.mem_fraction_static), "--dtype", sg.dtype]
     if sg.context_length:
