@@ -97,6 +97,7 @@ def train(cfg) -> dict | None:
     from megatron_tropd.objectives import PrefixOptions, build_objective
     from megatron_tropd.roles import build_student, build_teacher, check_vocab_compatible, hf_loader
     from megatron_tropd.rollout.base import SamplingParams
+    from megatron_tropd.rollout.factory import build_engines, sync_weights
     from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
     from megatron_tropd.step import StepOptions, distill_step
 
@@ -162,7 +163,7 @@ def train(cfg) -> dict | None:
         elif is_logger:
             log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
 
-    engines = _build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, is_logger, groups)
+    engines = build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=is_logger)
     sync_weights(engines, student, groups, s_arch, version=start)  # the engine samples with the trained weights
 
     logger = None
@@ -231,34 +232,6 @@ def train(cfg) -> dict | None:
         e.close()
     parallel.destroy()
     return summary if is_logger else {}
-
-
-def _build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, is_logger, groups) -> dict:
-    if cfg.rollout.engine != "embedded":
-        raise NotImplementedError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; "
-                                  f"use rollout.engine=embedded")
-    if not is_logger:
-        return {}
-    from megatron_tropd.roles import DTYPES
-    from megatron_tropd.rollout.embedded import EmbeddedEngine
-
-    dtype = DTYPES[cfg.rollout.engine_dtype]
-    engines = {"student": EmbeddedEngine(str(student_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)}
-    if cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0:
-        engines["teacher"] = EmbeddedEngine(str(teacher_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)
-    return engines
-
-
-def sync_weights(engines: dict, student, groups, arch, version: int) -> None:
-    """Stream the student's HF-named tensors into the student engine (collective over TP x PP ranks)."""
-    from megatron_tropd.hf import iter_hf_tensors
-
-    stream = iter_hf_tensors(student.gpt, groups, arch)
-    if "student" in engines:
-        engines["student"].update_weights(stream, version)
-    else:
-        for _ in stream:  # the other ranks take part in the gathers
-            pass
 
 
 def _check_versions(samples, version: int, max_lag: int) -> None:
