@@ -39,11 +39,11 @@ def test_plan_matches_hand_computation():
     # replicated: 2 norms x 2048 + q/k norms 2 x 128
     s_layer = (2048 * 2048 + 2 * 2048 * 1024 + 2048 * 2048 + 3 * 2048 * 6144) // 2 + 2 * 2048 + 2 * 128
     assert s_layer == 25_165_824 + 4352  # 50,331,648 / 2 + 4,352
-    # tied embeddings, PP 1: one [151936/2 x 2048] table (151936 = 1187 x 128 is already a multiple of 256)
-    s_local = 28 * s_layer + 75_968 * 2048 + 2048
+    # tied embeddings, PP 1: one table; 151936 = 1187 x 128 is padded to a multiple of 128 x TP = 256: 152064 / 2
+    s_local = 28 * s_layer + 76_032 * 2048 + 2048
     assert plan.student_params_local == s_local
     t_layer = (2560 * 4096 + 2 * 2560 * 1024 + 4096 * 2560 + 3 * 2560 * 9728) // 2 + 2 * 2560 + 2 * 128
-    assert plan.teacher_params_local == 36 * t_layer + 75_968 * 2560 + 2560
+    assert plan.teacher_params_local == 36 * t_layer + 76_032 * 2560 + 2560
     assert plan.teacher_weights == plan.teacher_params_local * 2
     assert plan.student_weights == s_local * 2
     assert plan.gradients == s_local * 4
@@ -51,7 +51,7 @@ def test_plan_matches_hand_computation():
     # activations per layer per token (bf16): 6h + (qkv 4096 + q/k-norm 3072 + 4 x 2048) / 2 + heads/2 x s + 5f/2
     per_token = 6 * 2048 + (4096 + 3072 + 4 * 2048) // 2 + 8 * 4096 + 5 * 6144 // 2
     assert plan.activations == 28 * 4096 * per_token * 2
-    logits = 4096 * 75_968 * 2 * 2 + (1 << 21) * 4 * 2 + 4096 * 75_968 * 2
+    logits = 4096 * 76_032 * 2 * 2 + (1 << 21) * 4 * 2 + 4096 * 76_032 * 2
     assert plan.logits == logits
     t_per_token = 6 * 2560 + (6144 + 5120 + 4 * 4096) // 2 + 16 * 4096 + 5 * 9728 // 2
     assert plan.teacher_forward == 4096 * t_per_token * 2
