@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 # Elements of one float32 temporary per chunk (8 MiB). A chunk holds a few such temporaries at a time.
 CHUNK_ELEMENTS = 1 << 21
+MIN_CHUNK_ELEMENTS = 1 << 16
 
 KL_KINDS = ("forward", "reverse", "jsd")
 
@@ -75,8 +76,11 @@ def _all_reduce(t: torch.Tensor, shard: _Shard, op=dist.ReduceOp.SUM) -> torch.T
 
 
 def _chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
-    """Row slices whose [rows, n_cols] temporaries hold about CHUNK_ELEMENTS elements each."""
-    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    """Row slices whose [rows, n_cols] temporaries hold at most CHUNK_ELEMENTS elements each, and at most 1/32 of
+    the whole [n_rows, n_cols] (above a 64k-element floor), so the few live temporaries stay well under 25% of
+    the shard's float32 size at any size."""
+    budget = min(CHUNK_ELEMENTS, max((n_rows * n_cols) // 32, MIN_CHUNK_ELEMENTS))
+    step = max(1, budget // max(n_cols, 1))
     for i in range(0, n_rows, step):
         yield slice(i, min(i + step, n_rows))
 
@@ -257,27 +261,35 @@ def entropy(logits: torch.Tensor, tp_group=None, *, temperature: float = 1.0,
 # ----------------------------------------------------------------------------------------------------------------
 # Top-k
 # ----------------------------------------------------------------------------------------------------------------
-def _sortable_keys(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordering rows by (value descending, column ascending): value bits << 32 | (n - 1 - column).
+def _topk_lowest_ids(xc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k columns of each row of xc [c, n] where, among values tied with the k-th largest, the lowest columns
+    are taken (torch.topk picks arbitrary ones). Returns (values [c, k], columns [c, k]); order within the k is
+    fixed later by the lexicographic sort in `topk_logprobs`.
 
-    Float bits of fp32 (bf16/fp16 upcast exactly) map to a signed int32 with the same order as the floats
-    (negative floats get their 31 low bits flipped); -0.0 is first turned into +0.0 so the two tie.
+    Ties at the boundary are common in bf16 (few distinct values), so they are resolved with one extra compare
+    pass, and only the rows that need it take a second top-k over the tied columns' reversed index.
     """
-    bits = (x.float() + 0.0).view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    n = x.shape[-1]
-    return key.bitwise_left_shift_(32).bitwise_or_(torch.arange(n - 1, -1, -1, device=x.device))
-
-
-def _key_to_float(key_hi: torch.Tensor) -> torch.Tensor:
-    bits = key_hi.to(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+    vals, col = torch.topk(xc, k, dim=-1, sorted=True)
+    kth = vals[:, -1:]
+    n_gt = (vals > kth).sum(-1, keepdim=True)  # sorted: positions [0, n_gt) are strictly above the k-th value
+    eq = xc == kth
+    ambiguous = (eq.sum(-1, keepdim=True) > k - n_gt).squeeze(-1).nonzero().squeeze(-1)
+    if ambiguous.numel():
+        n = xc.shape[-1]
+        rev = torch.arange(n, 0, -1, dtype=torch.float32, device=xc.device)  # larger for lower columns
+        key = torch.where(eq[ambiguous], rev, 0.0)
+        tie_cols = n - torch.topk(key, k, dim=-1, sorted=True).values.long()  # lowest tied columns first
+        pos = torch.arange(k, device=xc.device)
+        g = n_gt[ambiguous]
+        fixed = tie_cols.gather(1, (pos - g).clamp_min(0))
+        col[ambiguous] = torch.where(pos >= g, fixed, col[ambiguous])
+    return vals, col
 
 
 def _local_topk(x2d: torch.Tensor, k: int, shard: _Shard):
     """Per-token top-k candidates of this shard: (raw logits [n, k] in the compute dtype, global ids [n, k]).
 
-    Sorted by (value desc, id asc). Shards with fewer than k real columns pad with (-inf, id >= vocab_size).
+    Shards with fewer than k real columns pad with (-inf, id >= vocab_size), which sort after any real id.
     """
     n = x2d.shape[0]
     vals = torch.full((n, k), -math.inf, dtype=shard.cdtype, device=x2d.device)
@@ -285,17 +297,9 @@ def _local_topk(x2d: torch.Tensor, k: int, shard: _Shard):
     k_loc = min(k, shard.n_real)
     if k_loc == 0:
         return vals, ids
-    # the int64 key takes 2x a float32 temporary: halve the chunk
-    for rows in _chunks(n, 2 * shard.n_real):
-        xc = x2d[rows, : shard.n_real]
-        if xc.dtype == torch.float64:  # 64-bit values do not fit a composite key: stable sort keeps id order
-            v, col = torch.sort(xc, dim=-1, descending=True, stable=True)
-            v, col = v[:, :k_loc], col[:, :k_loc]
-        else:
-            top = _sortable_keys(xc).topk(k_loc, dim=-1, sorted=True).values
-            col = (shard.n_real - 1) - (top & 0xFFFFFFFF)
-            v = _key_to_float(top >> 32).to(shard.cdtype)
-        vals[rows, :k_loc], ids[rows, :k_loc] = v, col + shard.start
+    for rows in _chunks(n, shard.n_real):
+        v, col = _topk_lowest_ids(x2d[rows, : shard.n_real], k_loc)
+        vals[rows, :k_loc], ids[rows, :k_loc] = v.to(shard.cdtype), col + shard.start
     return vals, ids
 
 
@@ -321,11 +325,11 @@ def topk_logprobs(logits: torch.Tensor, k: int, tp_group=None, *, temperature: f
             dist.all_gather(parts, pack, group=shard.group)
             allp = torch.cat(parts, dim=-1)  # [2, n, world * k]
             vals, ids = allp[0].to(shard.cdtype), allp[1].long()
-            # lexicographic (value desc, id asc): stable sort by id, then stable sort by value
-            order = torch.sort(ids, dim=-1, stable=True).indices
-            vals, ids = vals.gather(1, order), ids.gather(1, order)
-            order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]
-            vals, ids = vals.gather(1, order), ids.gather(1, order)
+        # lexicographic (value desc, id asc): stable sort by id, then stable sort by value; keep k
+        order = torch.sort(ids, dim=-1, stable=True).indices
+        vals, ids = vals.gather(1, order), ids.gather(1, order)
+        order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]
+        vals, ids = vals.gather(1, order), ids.gather(1, order)
         out_shape = tuple(logits.shape[:-1]) + (k,)
         lp = (vals - m.unsqueeze(-1)) / temperature - log_a.unsqueeze(-1)
         return lp.view(out_shape), ids.view(out_shape)

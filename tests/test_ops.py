@@ -75,7 +75,7 @@ def run_ops(s_shard, t_shard, inp, vocab, tp_group) -> dict:
 
 
 def _rank_fn(groups, inputs: dict, chunk_elements: int) -> dict:
-    ops.CHUNK_ELEMENTS = chunk_elements  # tiny chunks: exercise the chunk loops on small shapes
+    ops.CHUNK_ELEMENTS = ops.MIN_CHUNK_ELEMENTS = chunk_elements  # tiny chunks: exercise the chunk loops
     tp, r = groups.tp_size, groups.tp_rank
     res = {}
     for vocab, inp in inputs.items():
