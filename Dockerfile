@@ -35,6 +35,7 @@ COPY --from=builder /wheels /tmp/wheels
 COPY requirements.txt constraints.txt ./
 COPY examples ./examples
 COPY docs ./docs
+COPY tools ./tools
 # Keep the image's torch / TE / apex: freeze them as constraints so no dependency can replace them.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN pip list --format=freeze | grep -iE '^(torch|transformer[-_]engine|apex|flash[-_]attn|numpy)==' > /tmp/image-pins.txt \

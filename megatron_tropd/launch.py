@@ -302,7 +302,9 @@ def _arch_for(path: str, preset: str | None):
     return None
 
 
-def memory_summary(cfg: Config, plan: LaunchPlan, student_arch: str | None, teacher_arch: str | None) -> str:
+def memory_summary(cfg: Config, plan: LaunchPlan, student_arch: str | None, teacher_arch: str | None,
+                   flash: bool = True) -> str:
+    """`tropd plan` for this run; flash=True: GPU runs use the Transformer Engine spec (no [s, s] scores)."""
     from megatron_tropd import plan as planmod
 
     s, t = _arch_for(cfg.student.path, student_arch), _arch_for(cfg.teacher.path, teacher_arch)
@@ -313,8 +315,9 @@ def memory_summary(cfg: Config, plan: LaunchPlan, student_arch: str | None, teac
     layout = planmod.Layout(plan.tp, plan.pp, plan.dp, cfg.parallel.sequence_parallel,
                             cfg.parallel.use_distributed_optimizer)
     work = planmod.Workload(seq, cfg.optim.micro_batch_size, cfg.student.recompute_activations,
-                            cfg.student.dtype, cfg.teacher.dtype)
-    return f"memory plan (sequence {seq} tokens, micro-batch {work.micro_batch}):\n" + planmod.format_plan(
+                            cfg.student.dtype, cfg.teacher.dtype, flash_attention=flash)
+    kind = "flash/TE attention" if flash else "local attention"
+    return f"memory plan (sequence {seq} tokens, micro-batch {work.micro_batch}, {kind}):\n" + planmod.format_plan(
         planmod.memory_plan(s, t, layout, work), layout)
 
 

@@ -27,6 +27,8 @@ activations, which under 1F1B keeps `pp` micro-batches in flight). Terms (bytes 
 - logits       student [s*b, V/t] in the activation dtype, kept for backward, + its gradient (same size and
                dtype) + the teacher's [s*b, V/t] shard + 2 float32 chunk temporaries of `ops.CHUNK_ELEMENTS`.
 - teacher      forward only: one layer's working set (nothing is kept for backward).
+With `--flash-attention` (the Transformer Engine spec on GPU) the a*s score term is dropped; the rest of the
+count is kept, which makes it an approximation there (TE keeps q, k, v unrepeated and [a, s] softmax stats).
 
 Model presets give the real config.json numbers of the paper's models, from memory of the public HF
 configs (hidden, layers, heads, kv heads, ffn, vocab); check them against your checkpoint's config.json (or
@@ -111,6 +113,7 @@ class Workload:
     recompute: bool = False  # full activation recompute of the student
     student_dtype: str = "bfloat16"
     teacher_dtype: str = "bfloat16"
+    flash_attention: bool = False  # TE/flash attention (GPU): no [s, s] scores are stored (approximation)
 
 
 def _head_dim(a: ModelArch) -> int:
@@ -146,7 +149,7 @@ def total_params(a: ModelArch) -> int:
     return a.num_layers * layer_params(a, 1) + vocab * (1 if a.tie_word_embeddings else 2) + a.hidden_size
 
 
-def layer_activation_elements(a: ModelArch, seq: int, mb: int, tp: int, sp: bool) -> int:
+def layer_activation_elements(a: ModelArch, seq: int, mb: int, tp: int, sp: bool, flash: bool = False) -> int:
     """Elements one layer keeps for backward (local attention, no recompute); see the module docstring."""
     h, d, f = a.hidden_size, _head_dim(a), a.ffn_hidden_size
     heads, kv = a.num_attention_heads, a.num_query_groups
@@ -154,7 +157,7 @@ def layer_activation_elements(a: ModelArch, seq: int, mb: int, tp: int, sp: bool
     qkv = (heads + 2 * kv) * d // tp
     qk_norm = (heads + kv) * d // tp if a.qk_layernorm else 0
     attn = 3 * heads * d // tp + heads * d // tp  # q, k, v after repeat to all heads + o-proj input
-    scores = heads * seq // tp
+    scores = 0 if flash else heads * seq // tp
     mlp = 5 * f // tp
     return seq * mb * (norms + qkv + qk_norm + attn + scores + mlp)
 
@@ -200,7 +203,8 @@ def memory_plan(student: ModelArch, teacher: ModelArch | None, layout: Layout, w
     if layout.distributed_optimizer:
         optimizer = -(-optimizer // dp)
     s, b = work.seq_len, work.micro_batch
-    one_layer = layer_activation_elements(student, s, b, tp, layout.sequence_parallel) * act_b
+    one_layer = layer_activation_elements(student, s, b, tp, layout.sequence_parallel,
+                                          work.flash_attention) * act_b
     if work.recompute:
         kept = s * b * student.hidden_size // (tp if layout.sequence_parallel else 1) * act_b
         activations = student.num_layers * kept + one_layer
@@ -213,7 +217,8 @@ def memory_plan(student: ModelArch, teacher: ModelArch | None, layout: Layout, w
     teacher_forward = 0
     if teacher is not None:
         logits += tokens * (teacher.padded_vocab_size(tp) // tp) * t_b
-        teacher_forward = layer_activation_elements(teacher, s, b, tp, layout.sequence_parallel) * t_b
+        teacher_forward = layer_activation_elements(teacher, s, b, tp, layout.sequence_parallel,
+                                                    work.flash_attention) * t_b
     return MemoryPlan(
         student_params_local=ps, teacher_params_local=pt, teacher_weights=pt * t_b, student_weights=ps * act_b,
         gradients=ps * 4, optimizer=optimizer, activations=activations, logits=logits,
@@ -269,6 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (prompt + response)")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--recompute", action="store_true", help="full activation recompute of the student")
+    parser.add_argument("--flash-attention", action="store_true", help="TE/flash attention: no [s, s] scores")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="student and teacher dtype")
     parser.add_argument("--gpu-memory", default=None, help="e.g. 80GiB: also list the smallest layouts that fit")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs for --gpu-memory suggestions "
@@ -280,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     student = resolve_arch(args.student)
     teacher = resolve_arch(args.teacher) if args.teacher else None
     layout = Layout(args.tp, args.pp, args.dp, args.sequence_parallel, args.distributed_optimizer)
-    work = Workload(args.seq_len, args.micro_batch, args.recompute, args.dtype, args.dtype)
+    work = Workload(args.seq_len, args.micro_batch, args.recompute, args.dtype, args.dtype, args.flash_attention)
     plan = memory_plan(student, teacher, layout, work)
     result = {"layout": asdict(layout), "workload": asdict(work), "plan": plan.as_dict()}
     fits = None

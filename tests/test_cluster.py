@@ -97,7 +97,7 @@ def test_dry_run_colocated_two_nodes(tmp_path, capsys, slurm2):
         in servers[0][2]
     assert "--model-path /ckpt/Qwen3-4B" in servers[1][2] and "--port 31001" in servers[1][2]
     # the memory plan (presets found from the checkpoint names) is part of the output
-    assert "memory plan (sequence 1536 tokens, micro-batch 4)" in out and "teacher weights" in out
+    assert "memory plan (sequence 1536 tokens, micro-batch 4, flash/TE attention)" in out and "teacher weights" in out
 
 
 def test_dry_run_dedicated_rollout_node(tmp_path, capsys, slurm2):

@@ -56,6 +56,9 @@ def test_plan_matches_hand_computation():
     t_per_token = 6 * 2560 + (6144 + 5120 + 4 * 4096) // 2 + 16 * 4096 + 5 * 9728 // 2
     assert plan.teacher_forward == 4096 * t_per_token * 2
     assert plan.total == sum(v for k, v in plan.as_dict().items() if k not in ("total",) and "params" not in k)
+    flash = memory_plan(s_arch, t_arch, Layout(tp=2, pp=1, dp=4, distributed_optimizer=True),
+                        Workload(seq_len=4096, micro_batch=1, flash_attention=True))
+    assert plan.activations - flash.activations == 28 * 4096 * (8 * 4096) * 2  # the [a/t, s, s] scores
     # recompute keeps one [s, h] input per layer + one layer's working set
     rec = memory_plan(s_arch, t_arch, Layout(tp=2, dp=4), Workload(4096, 1, recompute=True))
     assert rec.activations == 28 * 4096 * 2048 * 2 + 4096 * per_token * 2
