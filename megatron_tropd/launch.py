@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     return launch_this_node(plan, sg, cl)
 
 
-def _wait_healthy(urls: list[str], timeout_s: float) -> None:
+def _wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 5.0) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
@@ -378,10 +378,10 @@ def _wait_healthy(urls: list[str], timeout_s: float) -> None:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"SGLang servers not healthy after {timeout_s:.0f}s: {pending}")
-        time.sleep(5)
+        time.sleep(poll_s)
 
 
-def launch_this_node(plan: LaunchPlan, sg: SGLangConfig, cl: ClusterConfig) -> int:
+def launch_this_node(plan: LaunchPlan, sg: SGLangConfig, cl: ClusterConfig, poll_s: float = 5.0) -> int:
     """Start this node's servers (logs in {log_dir}/{job}/), then its torchrun; stop the servers at the end.
     SIGTERM/SIGINT (SLURM preemption) are forwarded to every child."""
     host = plan.env.hosts[plan.env.node_id]
@@ -394,8 +394,7 @@ def launch_this_node(plan: LaunchPlan, sg: SGLangConfig, cl: ClusterConfig) -> i
             if c.poll() is None:
                 c.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     base_env = {**os.environ, **cl.env}
     procs = plan.processes.get(host, [])
     try:
@@ -404,7 +403,7 @@ def launch_this_node(plan: LaunchPlan, sg: SGLangConfig, cl: ClusterConfig) -> i
             children.append(subprocess.Popen(argv, env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT))
         if host not in plan.trainer_hosts:
             return max((c.wait() for c in children), default=0)  # a rollout node serves until stopped
-        _wait_healthy([s.url for s in plan.servers], sg.startup_timeout_s)
+        _wait_healthy([s.url for s in plan.servers], sg.startup_timeout_s, poll_s)
         env, argv = procs[-1]
         trainer = subprocess.Popen(argv, env={**base_env, **env})
         children.append(trainer)
@@ -418,3 +417,5 @@ def launch_this_node(plan: LaunchPlan, sg: SGLangConfig, cl: ClusterConfig) -> i
                 c.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 c.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

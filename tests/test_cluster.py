@@ -201,3 +201,43 @@ def test_dockerfile_lint_and_copy_sources():
     assert "megatron-core==0.16.1" in text
     assert len(re.findall(r"^FROM ", text, re.M)) == 2  # builder + runtime
     assert re.search(r"^USER \$\{RUN_AS\}$", text, re.M) and "ARG RUN_AS=" in text
+
+
+_HEALTH_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_launch_this_node_starts_servers_then_trainer(tmp_path, monkeypatch):
+    """Without --dry-run: this node's server starts, the trainer waits for its /health, the trainer's exit code
+    is returned and the server is stopped. Real argv replaced by stand-ins (no SGLang / GPUs here)."""
+    from megatron_tropd.parallel import find_free_port
+
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TROPD_HOSTNAME", "127.0.0.1")
+    port = find_free_port()
+    data = {**BASE, "parallel": {"tensor_model_parallel_size": 1},
+            "sglang": {"student_servers": 1, "teacher_servers": 0, "tp_size": 1, "placement": "colocated",
+                       "port_base": port},
+            "cluster": {"gpus_per_node": 1, "log_dir": str(tmp_path / "logs")}}
+    cfg, sg, cl = load_run_config(_write(tmp_path, data))
+    plan = launch.make_plan(cfg, sg, cl, launch.resolve_env(__import__("os").environ, cl), "run.yaml", [])
+    (server_env, server_argv), (trainer_env, trainer_argv) = plan.processes["127.0.0.1"]
+    assert server_argv[1:3] == ["-m", "sglang.launch_server"] and trainer_argv[0] == "torchrun"
+    assert trainer_env["TROPD_SGLANG_STUDENT_URLS"] == f"http://127.0.0.1:{port}"
+    marker = tmp_path / "trainer_saw_server"
+    trainer = (f"import urllib.request, pathlib; r = urllib.request.urlopen('http://127.0.0.1:{port}/health'); "
+               f"pathlib.Path({str(marker)!r}).write_text(str(r.status)); raise SystemExit(3)")
+    plan.processes["127.0.0.1"] = [(server_env, [sys.executable, "-c", _HEALTH_SERVER, str(port)]),
+                                   (trainer_env, [sys.executable, "-c", trainer])]
+    assert launch.launch_this_node(plan, sg, cl, poll_s=0.2) == 3
+    assert marker.read_text() == "200"
+    with pytest.raises(OSError):  # the server was stopped
+        __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    assert (tmp_path / "logs" / "local" / "127.0.0.1-sglang-student0.log").exists()
