@@ -1,6 +1,8 @@
 """The distillation step (teacher scoring + student update) is layout invariant, keeps the teacher frozen, and
 reduces the KL estimate on a fixed batch. Tiny random megatron models, gloo ranks on CPU."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +126,17 @@ def test_metrics_cover_method_md(references):
     for key in ("loss", "grad_norm", "lr", "response_length", "prefix_length", "reward/k1_rkl", "reward/mean_r",
                 "trust/frac", "trust/outlier_frac", "fkl_outlier", "entropy/student"):
         assert key in m, sorted(m)
+
+
+def test_no_rank_allocates_a_full_vocabulary_tensor():
+    """V = 151936 at TP = 2: the largest allocation inside a TrOPD step is one logits shard [T, V/2] (float32), never
+    a [T, V] tensor, and the step's peak stays within a few shards (tools/bench_step_memory.py, docs/ops.md)."""
+    sys_path = str(Path(__file__).resolve().parents[1] / "tools")
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from bench_step_memory import measure
+
+    for row in run_distributed(measure, 2, tp=2, args=(151936, 2, 40, "tropd")):
+        assert row["largest_alloc_bytes"] <= row["logits_shard_fp32_bytes"]
+        assert row["largest_alloc_bytes"] < row["full_vocab_fp32_bytes"]
+        assert row["peak_bytes"] < 4 * row["logits_shard_fp32_bytes"]
