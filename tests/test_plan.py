@@ -138,3 +138,9 @@ def test_estimate_matches_measured_peak_on_cpu():
     assert plan.total == pytest.approx(measured, rel=0.20), (plan.as_dict(), res)
     # activations + logits are the part the formula predicts (states are exact): check them on their own too
     assert plan.activations + plan.logits == pytest.approx(res["peak_delta"], rel=0.30), (plan.as_dict(), res)
+
+
+def test_chunk_size_matches_ops():
+    from megatron_tropd import ops, plan
+
+    assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS  # plan copies it to avoid importing torch.distributed
