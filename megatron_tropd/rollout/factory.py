@@ -9,29 +9,90 @@ from megatron_tropd.parallel import ParallelGroups
 def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id: int, on_this_rank: bool) -> dict:
     """{"student": engine, "teacher": engine (only when teacher prefixes are on)} on the rank that generates
     (global rank 0), {} elsewhere. The student engine starts from the same HF weights as the megatron student."""
-    if cfg.rollout.engine != "embedded":
-        raise NotImplementedError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; "
-                                  f"use rollout.engine=embedded")
+    if cfg.rollout.engine not in ("embedded", "sglang"):
+        raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is unknown; use embedded or sglang")
+    if cfg.rollout.engine == "sglang":
+        from megatron_tropd.rollout.sglang_config import SGLangConfig, validate
+
+        validate(getattr(cfg, "sglang", SGLangConfig()))  # on every rank: bad settings fail everywhere at once
     if not on_this_rank:
         return {}
+    needs_teacher = cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0
+    if cfg.rollout.engine == "sglang":
+        return build_sglang_engines(cfg, student_dir, teacher_dir, needs_teacher)
     from megatron_tropd.roles import DTYPES
     from megatron_tropd.rollout.embedded import EmbeddedEngine
 
     dtype = DTYPES[cfg.rollout.engine_dtype]
     engines = {"student": EmbeddedEngine(str(student_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)}
-    if cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0:
+    if needs_teacher:
         engines["teacher"] = EmbeddedEngine(str(teacher_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)
     return engines
 
 
+def build_sglang_engines(cfg, student_dir: Path, teacher_dir: Path, needs_teacher: bool) -> dict:
+    """Attach to the configured / exported server URLs of each role, or launch servers (all at once, then wait
+    for every /health_generate). Launched servers are owned by the engines: `close()` stops them; a failed
+    start-up stops the ones already started."""
+    import logging
+
+    from megatron_tropd.rollout import sglang_server as srv
+    from megatron_tropd.rollout.sglang import SGLangEngine
+    from megatron_tropd.rollout.sglang_config import SGLangConfig
+
+    sg = getattr(cfg, "sglang", SGLangConfig())
+    run_dir = Path(cfg.train.run_dir)
+    log_dir = Path(sg.log_dir) if sg.log_dir else run_dir / "sglang"
+    weights_dir = Path(sg.weights_dir) if sg.weights_dir else run_dir / "sglang_weights"
+    roles = {"student": (Path(student_dir), sg.student_servers)}
+    if needs_teacher:
+        roles["teacher"] = (Path(teacher_dir), sg.teacher_servers)
+    launched: dict[str, list] = {}
+    try:
+        for role, (path, count) in roles.items():
+            if not sg.urls(role):
+                if count < 1:
+                    raise ValueError(f"rollout.engine=sglang needs {role} servers: set sglang.{role}_urls or "
+                                     f"sglang.{role}_servers >= 1")
+                launched[role] = [srv.launch(path, sg, log_dir, role, i, weight_version=0) for i in range(count)]
+        waited = srv.wait_healthy([s for ss in launched.values() for s in ss], sg.startup_timeout_s) \
+            if launched else 0.0
+        if launched:
+            logging.getLogger(__name__).info(f"SGLang servers healthy after {waited:.0f}s (logs in {log_dir})")
+        engines = {}
+        for role, (path, _) in roles.items():
+            engines[role] = SGLangEngine(urls=sg.urls(role) or None, servers=launched.get(role), cfg=sg, role=role,
+                                         base_model_dir=path, weights_dir=weights_dir if role == "student" else None)
+        return engines
+    except BaseException:
+        for ss in launched.values():
+            for s in ss:
+                srv.stop(s)
+        raise
+
+
 def sync_weights(engines: dict, student, groups: ParallelGroups, arch, version: int) -> None:
     """Stream the student's HF-named tensors into the student engine (collective over the TP x PP ranks: every rank
-    takes part in the gathers, the generating rank consumes the stream)."""
+    takes part in the gathers, the generating rank consumes the stream). A failed update raises on every rank
+    (the run stops instead of training on stale weights)."""
+    import torch.distributed as dist
+
     from megatron_tropd.hf import iter_hf_tensors
 
     stream = iter_hf_tensors(student.gpt, groups, arch)
+    error = None
     if "student" in engines:
-        engines["student"].update_weights(stream, version)
+        try:
+            engines["student"].update_weights(stream, version)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = e
     else:
         for _ in stream:
             pass
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise RuntimeError(f"weight sync to version {version} failed on the generating rank: {box[0]}")
+    if error is not None:
+        raise error
