@@ -24,7 +24,7 @@ def _requests(batch: int, vocab: int, prompt_len: int) -> list[GenerationRequest
                               request_id=i) for i in range(batch)]
 
 
-def bench(model, batch: int, new: int, prompt_len: int, label: str, hf_generate: bool = True) -> None:
+def bench(model, batch: int, new: int, prompt_len: int, label: str, hf_generate: bool = True, single: int = 4) -> None:
     vocab = model.config.vocab_size
     reqs = _requests(batch, vocab, prompt_len)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new)
@@ -36,7 +36,7 @@ def bench(model, batch: int, new: int, prompt_len: int, label: str, hf_generate:
     n_tok = sum(len(s.response_ids) for x in out for s in x)
     print(f"{label}: embedded batched  b={batch} new={new}: {dt:6.2f} s, {n_tok / dt:8.0f} tok/s")
     one = EmbeddedEngine(model, max_batch_size=1)
-    k = min(batch, 4)
+    k = min(batch, single)
     t = time.perf_counter()
     one.generate(reqs[:k], params)
     dt1 = (time.perf_counter() - t) * batch / k
@@ -76,7 +76,8 @@ def main() -> None:
         student_dir = make_layer_subset_student(teacher_dir, f"{work}/student6", keep_every=5)
         print(f"materialise: {time.perf_counter() - t:.1f} s")
         student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
-        bench(student, batch=16, new=128, prompt_len=64, label="smollm2-student6", hf_generate=True)
+        new = int(os.environ.get("BENCH_NEW", "128"))
+        bench(student, batch=16, new=new, prompt_len=64, label="smollm2-student6", hf_generate=True, single=2)
 
 
 if __name__ == "__main__":
