@@ -104,6 +104,11 @@ def test_evaluate_rejects_bad_k_and_bad_engine_output():
         def generate(self, requests, params):
             return super().generate(requests, params)[:-1]
 
+    missing = Benchmark("m", [Problem(id="x", prompt="q")], "math")
+    engine = ScriptedEngine(SCRIPT)
+    with pytest.raises(ValueError, match="problem 'x': the math scorer needs an 'answer'"):
+        evaluate(engine, missing, SamplingParams(), n=1, k_list=[1], tokenizer=CharTokenizer())
+    assert engine.calls == []  # rejected before generation
     with pytest.raises(RuntimeError, match="engine returned"):
         evaluate(Short(SCRIPT), _bench(), SamplingParams(), n=1, k_list=[1], tokenizer=CharTokenizer())
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from megatron_tropd.evaluation.benchmarks import Benchmark, default_instruction, format_prompt_ids
 from megatron_tropd.evaluation.passk import aggregate, pass_at_k
 from megatron_tropd.evaluation.sandbox import SandboxLimits, sandbox_description
-from megatron_tropd.evaluation.scorers import get_scorer
+from megatron_tropd.evaluation.scorers import check_problem, get_scorer
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 
 
@@ -79,6 +79,8 @@ def evaluate(
     log = log or (lambda s: None)
     default_scorer = get_scorer(benchmark.scorer, sandbox_limits)
     scorers: dict[str, Callable] = {benchmark.scorer: default_scorer}
+    for p in benchmark.problems:  # fail before spending any generation time
+        check_problem(p, p.scorer or benchmark.scorer)
     t0 = time.monotonic()
 
     per_problem: list[dict] = []

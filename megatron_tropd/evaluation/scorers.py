@@ -354,6 +354,19 @@ def score_reasoning_gym(response: str, problem: "Problem") -> Score:
 
 # ----------------------------------------------------------------------------------------------------- registry
 
+def check_problem(problem: "Problem", scorer: str) -> None:
+    """Raise ValueError before any generation if the problem lacks what its scorer reads."""
+    key = _ALIASES.get(scorer, scorer)
+    if key in ("math", "reasoning_gym") and problem.answer is None:
+        raise ValueError(f"problem {problem.id!r}: the {key} scorer needs an 'answer'")
+    if key == "reasoning_gym" and not (problem.metadata or {}).get("source_dataset"):
+        raise ValueError(f"problem {problem.id!r}: the reasoning_gym scorer needs metadata.source_dataset")
+    if key == "choice":
+        gold_letter(problem)
+    if key == "code" and problem.tests is None:
+        raise ValueError(f"problem {problem.id!r}: the code scorer needs 'tests'")
+
+
 SCORERS = ("math", "choice", "code", "reasoning_gym")
 _ALIASES = {"mc": "choice", "multiple_choice": "choice", "rg": "reasoning_gym", "humaneval": "code"}
 
