@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--engine", choices=("embedded", "sglang"), default="embedded")
     p.add_argument("--sglang-url", action="append", default=None,
-                   help="with --engine sglang: URL of a running SGLang server serving --model (repeatable)")
+                   help="with --engine sglang: URL of a running server serving --model (repeatable); without it "
+                        "one server is launched ($TROPD_SGLANG_PYTHON names the interpreter with SGLang)")
     p.add_argument("--n", type=int, default=1, help="samples per problem")
     p.add_argument("--k", type=int, nargs="+", default=None, help="k values for pass@k / avg@k (default: 1 and n)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first LIMIT problems")
@@ -35,18 +36,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print a table comparing summary JSON files of earlier runs and exit")
 
 
-def _build_engine(args: argparse.Namespace):
+def _build_engine(args: argparse.Namespace, out: Path):
+    """The embedded engine in this process, or SGLang: attach to --sglang-url servers, else launch one server of
+    --model with the project's launcher (logs in <out>/sglang; stopped by engine.close())."""
     if args.engine == "embedded":
         from megatron_tropd.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine(args.model)
+    from megatron_tropd.rollout import sglang_server as srv
+    from megatron_tropd.rollout.sglang import SGLangEngine
+    from megatron_tropd.rollout.sglang_config import SGLangConfig
+
+    cfg = SGLangConfig()
+    if args.sglang_url:
+        return SGLangEngine(urls=args.sglang_url, cfg=cfg, base_model_dir=args.model)
+    server = srv.launch(args.model, cfg, out / "sglang", "student", 0, weight_version=0)
     try:
-        from megatron_tropd.rollout.sglang import SGLangEngine  # type: ignore[import-not-found]
-    except ModuleNotFoundError as e:
-        raise ValueError(f"--engine sglang is not available in this build ({e}); use --engine embedded") from e
-    if not args.sglang_url:
-        raise ValueError("--engine sglang needs --sglang-url URL of a running server that serves --model")
-    return SGLangEngine(urls=args.sglang_url)
+        srv.wait_healthy([server], cfg.startup_timeout_s)
+        return SGLangEngine(servers=[server], cfg=cfg, base_model_dir=args.model)
+    except BaseException:
+        srv.stop(server)
+        raise
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tropd eval: error: {e}", file=sys.stderr)
         return 2
-    engine = _build_engine(args)
+    engine = _build_engine(args, out)
     try:
         result = evaluate(
             engine, bench, params, n=args.n, k_list=k_list, tokenizer=tokenizer, instruction=args.instruction,
