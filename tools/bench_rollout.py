@@ -3,7 +3,8 @@
     python tools/bench_rollout.py tiny                 # random tiny Llama (seconds)
     python tools/bench_rollout.py smollm2 [WORK_DIR]   # SmolLM2-135M 6-layer student (materialises it; ~1 min)
 
-Prints generated tokens/s (all rows generate the full max_new_tokens: no stop ids).
+Prints wall and process CPU time (CPU time is the fair figure on a shared machine) and generated tokens per
+CPU-second (all rows generate the full max_new_tokens: no stop ids).
 """
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ def bench(model, batch: int, new: int, prompt_len: int, label: str, hf_generate:
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new)
     eng = EmbeddedEngine(model, max_batch_size=batch)
     eng.generate(reqs[:2], SamplingParams(max_new_tokens=2))  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = eng.generate(reqs, params)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     n_tok = sum(len(s.response_ids) for x in out for s in x)
-    print(f"{label}: embedded batched  b={batch} new={new}: {dt:6.2f} s, {n_tok / dt:8.0f} tok/s")
+    print(f"{label}: embedded batched  b={batch} new={new}: {dt:6.2f} s wall, {dc:6.2f} s CPU, "
+          f"{n_tok / dc:8.0f} tok/CPU-s")
     one = EmbeddedEngine(model, max_batch_size=1)
     k = min(batch, single)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     one.generate(reqs[:k], params)
-    dt1 = (time.perf_counter() - t) * batch / k
-    print(f"{label}: embedded per-request b=1 (x{batch} extrapolated from {k}): {dt1:6.2f} s, {n_tok / dt1:8.0f} tok/s")
+    dt1, dc1 = (time.perf_counter() - t) * batch / k, (time.process_time() - c) * batch / k
+    print(f"{label}: embedded per-request b=1 (x{batch} extrapolated from {k}): {dt1:6.2f} s wall, {dc1:6.2f} s CPU, "
+          f"{n_tok / dc1:8.0f} tok/CPU-s")
     if hf_generate:
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.zeros((batch, width), dtype=torch.long)
@@ -48,12 +51,13 @@ def bench(model, batch: int, new: int, prompt_len: int, label: str, hf_generate:
         for i, r in enumerate(reqs):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95,
                            max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        dt2 = time.perf_counter() - t
-        print(f"{label}: HF generate       b={batch} new={new}: {dt2:6.2f} s, {batch * new / dt2:8.0f} tok/s")
+        dt2, dc2 = time.perf_counter() - t, time.process_time() - c
+        print(f"{label}: HF generate       b={batch} new={new}: {dt2:6.2f} s wall, {dc2:6.2f} s CPU, "
+              f"{batch * new / dc2:8.0f} tok/CPU-s")
 
 
 def main() -> None:
@@ -77,7 +81,7 @@ def main() -> None:
         print(f"materialise: {time.perf_counter() - t:.1f} s")
         student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).eval()
         new = int(os.environ.get("BENCH_NEW", "128"))
-        bench(student, batch=16, new=new, prompt_len=64, label="smollm2-student6", hf_generate=True, single=2)
+        bench(student, batch=16, new=new, prompt_len=64, label="smollm2-student6", hf_generate=True, single=int(os.environ.get("BENCH_SINGLE", "2")))
 
 
 if __name__ == "__main__":
