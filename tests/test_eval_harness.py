@@ -168,3 +168,22 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     args = parser.parse_args(["--benchmark", "humaneval", "--model", str(tmp_path), "--n", "2", "--k", "4"])
     assert cli.run(args) == 2
     assert "--k [4] must lie in [1, --n=2]" in capsys.readouterr().err
+
+
+def test_cli_sglang_engine_attaches_to_given_urls(tmp_path, monkeypatch):
+    import megatron_tropd.rollout.sglang as sglang_mod
+
+    made = {}
+
+    class Recorder:
+        def __init__(self, **kw):
+            made.update(kw)
+
+    monkeypatch.setattr(sglang_mod, "SGLangEngine", Recorder)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--benchmark", "humaneval", "--model", str(tmp_path), "--engine", "sglang",
+                              "--sglang-url", "http://127.0.0.1:30000", "--sglang-url", "http://127.0.0.1:30001"])
+    assert isinstance(cli._build_engine(args, tmp_path), Recorder)
+    assert made["urls"] == ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+    assert made["base_model_dir"] == str(tmp_path)

@@ -13,7 +13,8 @@ from megatron_tropd.evaluation.sandbox import (
 )
 from megatron_tropd.evaluation.scorers import CodeScorer
 
-LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=512)
+LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=512)  # for programs that must fail
+ROOMY = SandboxLimits(wall_s=30.0, cpu_s=10, memory_mb=512)  # for programs that must pass, even on a busy machine
 
 
 def _env() -> dict:
@@ -35,11 +36,11 @@ def harness_state():
 
 
 def test_correct_program_passes_and_wrong_fails(harness_state):
-    ok = run_python("def f(x):\n    return x * 2\nassert f(3) == 6\nprint('ok')", LIMITS)
+    ok = run_python("def f(x):\n    return x * 2\nassert f(3) == 6\nprint('ok')", ROOMY)
     assert ok.status == PASSED and ok.stdout.strip() == "ok"
-    bad = run_python("def f(x):\n    return x + 2\nassert f(3) == 6", LIMITS)
+    bad = run_python("def f(x):\n    return x + 2\nassert f(3) == 6", ROOMY)
     assert bad.status == FAILED and "AssertionError" in bad.detail
-    syn = run_python("def f(:\n", LIMITS)
+    syn = run_python("def f(:\n", ROOMY)
     assert syn.status == FAILED and "SyntaxError" in syn.stderr
 
 
@@ -72,11 +73,11 @@ def _cmdline(pid: str) -> str:
 
 def test_memory_hog_is_stopped(harness_state):
     t = time.monotonic()
-    r = run_python("x = bytearray(4 << 30)\nprint('allocated')", LIMITS)
+    r = run_python("x = bytearray(4 << 30)\nprint('allocated')", ROOMY)
     assert r.status == FAILED and "MemoryError" in r.detail and "allocated" not in r.stdout
     r = run_python("x = []\nwhile True:\n    x.append(' ' * (1 << 20))", SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=128))
     assert r.status in (FAILED, TIMEOUT) and r.status != PASSED
-    assert time.monotonic() - t < 2 * LIMITS.wall_s
+    assert time.monotonic() - t < ROOMY.wall_s + 2 * LIMITS.wall_s
 
 
 def test_output_flood_is_capped(harness_state):
@@ -89,7 +90,7 @@ def test_output_flood_is_capped(harness_state):
 def test_network_is_blocked_before_it_leaves(harness_state, namespace):
     """A listener in the harness gets no connection; the external address fails at once (nothing is sent:
     the audit hook refuses before the system call, and the empty namespace has no route)."""
-    limits = SandboxLimits(wall_s=3.0, cpu_s=2, memory_mb=512, network_namespace=namespace)
+    limits = SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512, network_namespace=namespace)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -136,7 +137,7 @@ for ip, port in [((127, 0, 0, 1), {port}), ((10, 255, 255, 1), 80)]:
 sys.exit(3)
 """
     try:
-        r = run_python(code, SandboxLimits(wall_s=3.0, cpu_s=2, memory_mb=512))
+        r = run_python(code, SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512))
         assert r.returncode == 3, r  # both connects failed (and the program got to the end)
         assert r.stdout.count("ENETUNREACH") == 2, r.stdout
         with pytest.raises(socket.timeout):
@@ -151,7 +152,7 @@ def test_program_cannot_write_harness_files(harness_state, tmp_path):
     target = tmp_path / "victim.txt"
     target.write_text("safe")
     os.chmod(tmp_path, 0o755)
-    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", LIMITS)
+    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", ROOMY)
     assert r.status == FAILED and "Permission denied" in r.stderr
     assert target.read_text() == "safe"
 
@@ -160,19 +161,19 @@ def test_humaneval_canonical_passes_and_hostile_completions_fail(harness_state):
     bench = load_benchmark("humaneval", limit=1)
     p = bench.problems[0]
     scorer = CodeScorer(LIMITS)
-    assert scorer(p.answer, p).correct  # the canonical solution (a raw continuation of the prompt)
+    assert CodeScorer(ROOMY)(p.answer, p).correct  # the canonical solution (a raw continuation of the prompt)
     fenced = "Here you go:\n```python\n" + p.code_prompt + p.answer + "```\n"
-    assert scorer(fenced, p).correct  # a full redefinition in a code block
+    assert CodeScorer(ROOMY)(fenced, p).correct  # a full redefinition in a code block
     t = time.monotonic()
     assert not scorer("    while True:\n        pass\n", p).correct
     assert not scorer("    import socket\n    socket.create_connection(('10.255.255.1', 80))\n", p).correct
     assert not scorer("    return True\n", p).correct
-    assert time.monotonic() - t < 3 * LIMITS.wall_s
+    assert time.monotonic() - t < 3 * (LIMITS.wall_s + 2)  # each stopped by its limit (+ start-up on a busy box)
 
 
 def test_stdin_stdout_tests():
     p = Problem(id="io", prompt="sum", tests=[{"input": "1 2\n", "output": "3"}, {"input": "5 5\n", "output": "10"}])
-    scorer = CodeScorer(LIMITS)
+    scorer = CodeScorer(ROOMY)
     assert scorer("```python\na, b = map(int, input().split())\nprint(a + b)\n```", p).correct
     s = scorer("```python\na, b = map(int, input().split())\nprint(a * b)\n```", p)
     assert not s.correct and "case 0" in s.detail

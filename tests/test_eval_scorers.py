@@ -31,8 +31,15 @@ from megatron_tropd.evaluation.scorers import (
     (r"\boxed{.25}", "1/4"),
 ])
 def test_math_equivalent_answers_are_correct(response, gold):
-    s = score_math(response, Problem(id="p", prompt="q", answer=gold))
-    assert s.correct, (response, gold, s)
+    # a generous timeout: symbolic checks must not fail just because the machine is busy
+    assert math_equal(extract_math_answer(response), gold, timeout_s=60), (response, gold)
+
+
+def test_score_math_reports_extraction():
+    s = score_math(r"so \boxed{\frac{1}{2}}", Problem(id="p", prompt="q", answer="0.5"))
+    assert s.correct and s.extracted == r"\frac{1}{2}" and s.reward == 1.0
+    s = score_math("I give up", Problem(id="p", prompt="q", answer="0.5"))
+    assert not s.correct and s.extracted is None and s.detail == "no answer found"
 
 
 @pytest.mark.parametrize("response,gold", [
