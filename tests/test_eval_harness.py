@@ -187,3 +187,24 @@ def test_cli_sglang_engine_attaches_to_given_urls(tmp_path, monkeypatch):
     assert isinstance(cli._build_engine(args, tmp_path), Recorder)
     assert made["urls"] == ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
     assert made["base_model_dir"] == str(tmp_path)
+
+
+def test_code_benchmark_scored_on_threads_keeps_sample_order():
+    bench = Benchmark("code", [
+        Problem(id="double", prompt="Write double(x).", tests="assert double(3) == 6", entry_point="double"),
+        Problem(id="inc", prompt="Write inc(x).", tests=[{"input": "4\n", "output": "5"}]),
+    ], "code")
+    script = {
+        "double": ["```python\ndef double(x):\n    return 2 * x\n```", "def double(x):\n    return x",
+                   "```python\ndef double(x):\n    return x + x\n```"],
+        "inc": ["print(int(input()) + 1)", "print(int(input()) - 1)", "while True:\n    pass"],
+    }
+    res = evaluate(ScriptedEngine(script), bench, SamplingParams(), n=3, k_list=[1, 3],
+                   tokenizer=CharTokenizer(), score_workers=3,
+                   sandbox_limits=__import__("megatron_tropd.evaluation.sandbox", fromlist=["x"]).SandboxLimits(
+                       wall_s=20.0, cpu_s=1))
+    assert [[s["correct"] for s in pp["samples"]] for pp in res.per_problem] == [[True, False, True],
+                                                                                  [True, False, False]]
+    assert res.per_problem[1]["samples"][2]["detail"].startswith("case 0: timeout")
+    assert res.metrics["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2) and res.metrics["pass@3"] == 1.0
+    assert res.summary["sandbox"]["audit_hook_network_guard"] is True

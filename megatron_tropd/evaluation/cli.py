@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--instruction", default=None, help="text appended to each prompt ('' for none; default per scorer)")
     p.add_argument("--batch-problems", type=int, default=16, help="problems per engine.generate call")
+    p.add_argument("--score-workers", type=int, default=4, help="parallel sandboxed programs when scoring code")
     p.add_argument("--code-timeout", type=float, default=10.0, help="sandbox wall limit per program (s)")
     p.add_argument("--code-memory-mb", type=int, default=1024, help="sandbox address-space limit per program")
     p.add_argument("--out", default=None, help="output directory (default: eval_out/<benchmark>)")
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(
             engine, bench, params, n=args.n, k_list=k_list, tokenizer=tokenizer, instruction=args.instruction,
             sandbox_limits=limits, batch_problems=args.batch_problems, out_dir=out,
+            score_workers=args.score_workers,
             extra_summary={"model": str(args.model), "engine": args.engine},
             log=lambda s: print(s, file=sys.stderr, flush=True),
         )

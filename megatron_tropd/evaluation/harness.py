@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,8 +19,11 @@ from typing import Any, Callable, Sequence
 from megatron_tropd.evaluation.benchmarks import Benchmark, default_instruction, format_prompt_ids
 from megatron_tropd.evaluation.passk import aggregate, pass_at_k
 from megatron_tropd.evaluation.sandbox import SandboxLimits, sandbox_description
-from megatron_tropd.evaluation.scorers import check_problem, get_scorer
+from megatron_tropd.evaluation.scorers import _ALIASES, check_problem, get_scorer
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
+
+
+_SCORER_KIND = {**{k: v for k, v in _ALIASES.items()}, "code": "code"}
 
 
 @dataclass
@@ -54,6 +58,7 @@ def evaluate(
     instruction: str | None = None,
     sandbox_limits: SandboxLimits | None = None,
     batch_problems: int = 16,
+    score_workers: int = 4,
     out_dir: str | Path | None = None,
     extra_summary: dict | None = None,
     log: Callable[[str], None] | None = None,
@@ -63,7 +68,8 @@ def evaluate(
     `tokenizer` is an HF tokenizer (chat template for prompts, decode for responses). `instruction=None` uses
     the scorer's default ("put your final answer within \\boxed{}", ...); "" adds none. If `params` has no
     stop ids the tokenizer's EOS is used. Request ids are problem indices, so (params.seed, problem) fixes the
-    samples. Scorer failures on odd outputs count as wrong; bad benchmark rows raise ValueError.
+    samples. Scorer failures on odd outputs count as wrong; bad benchmark rows raise ValueError (before any
+    generation). Code is scored on `score_workers` threads (each runs a sandboxed subprocess).
     """
     k_list = sorted(set(int(k) for k in k_list))
     if n < 1:
@@ -101,16 +107,27 @@ def evaluate(
                 f"engine returned {[len(o) for o in outputs]} samples for {len(requests)} requests of n={n}"
             )
         ts = time.monotonic()
-        for p, req, samples in zip(chunk, requests, outputs):
-            name = p.scorer or benchmark.scorer
+        texts = [[tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in ss] for ss in outputs]
+        names = [p.scorer or benchmark.scorer for p in chunk]
+        for name in names:
             if name not in scorers:
                 scorers[name] = get_scorer(name, sandbox_limits)
+        jobs = [(i, j) for i in range(len(chunk)) for j in range(n)]
+        run = lambda ij: scorers[names[ij[0]]](texts[ij[0]][ij[1]], chunk[ij[0]])  # noqa: E731
+        # Code runs in subprocesses: score it on threads. Math stays on this thread (its timeout is SIGALRM).
+        threaded = [ij for ij in jobs if _SCORER_KIND.get(names[ij[0]]) == "code" and score_workers > 1]
+        scores = {}
+        if threaded:
+            with ThreadPoolExecutor(score_workers) as pool:
+                scores.update(zip(threaded, pool.map(run, threaded)))
+        scores.update({ij: run(ij) for ij in jobs if ij not in scores})
+        for i, (p, req, samples) in enumerate(zip(chunk, requests, outputs)):
+            name = names[i]
             rows = []
-            for s in samples:
-                text = tokenizer.decode(s.response_ids, skip_special_tokens=True)
-                sc = scorers[name](text, p)
+            for j, s in enumerate(samples):
+                sc = scores[(i, j)]
                 rows.append({
-                    "response": text, "extracted": sc.extracted if name != "code" else None,
+                    "response": texts[i][j], "extracted": sc.extracted if name != "code" else None,
                     "correct": bool(sc.correct), "reward": sc.reward, "detail": sc.detail,
                     "finish_reason": s.finish_reason, "response_tokens": len(s.response_ids),
                     "weight_version": s.weight_version,

@@ -3,7 +3,7 @@
 Layers (each documented with its limits in docs/evaluation.md):
 - a fresh temporary directory as cwd and HOME, deleted afterwards; an environment with only PATH/LANG/HOME (no
   proxies, no PYTHONPATH, no credentials) and `python -I` (isolated mode: ignores PYTHON* variables, user site);
-- `resource.setrlimit` in the child: RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file
+- `resource.setrlimit` in the child (first thing its Python does): RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file
   size: also caps the captured stdout/stderr, which go to files), RLIMIT_NOFILE, RLIMIT_CORE = 0;
 - a wall-clock timeout; the child runs in its own session and the whole process group is SIGKILLed at the end;
 - network: the child runs under `unshare -rn` (a new, empty network namespace: no interfaces but a down loopback,
@@ -28,9 +28,13 @@ from dataclasses import asdict, dataclass
 
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
 
-# Runs in the child before the program: an audit hook (cannot be removed once added) that refuses IP sockets.
+# Runs in the child before the program: the resource limits (set here rather than in a preexec_fn, which is not
+# safe when the harness scores on threads), then an audit hook (cannot be removed once added) refusing IP sockets.
 _GUARD = r'''
-import sys
+import resource, sys
+for _name, _value in LIMITS:
+    resource.setrlimit(getattr(resource, _name), (_value, _value + 1 if _name == "RLIMIT_CPU" else _value))
+del _name, _value
 def _tropd_no_network(event, args):
     if event == "socket.__new__":
         family = args[1] if len(args) > 1 else None
@@ -129,15 +133,14 @@ def sandbox_description(limits: "SandboxLimits | None" = None) -> dict:
     }
 
 
-def _set_limits(limits: SandboxLimits, as_nobody: bool) -> None:  # runs in the child between fork and exec
+def _guard_source(limits: SandboxLimits, as_nobody: bool) -> str:
+    """The bootstrap with this run's limits filled in (soft = hard, except CPU: SIGXCPU, then SIGKILL 1 s later)."""
     mb = 1 << 20
+    values = [("RLIMIT_CPU", int(limits.cpu_s)), ("RLIMIT_AS", limits.memory_mb * mb),
+              ("RLIMIT_FSIZE", limits.fsize_mb * mb), ("RLIMIT_NOFILE", limits.nofile), ("RLIMIT_CORE", 0)]
     if as_nobody:  # fork bombs: capped per uid 65534 (root itself is exempt from RLIMIT_NPROC)
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.nproc, limits.nproc))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.fsize_mb * mb, limits.fsize_mb * mb))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.nofile, limits.nofile))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        values.append(("RLIMIT_NPROC", limits.nproc))
+    return _GUARD.replace("LIMITS", repr(values), 1)
 
 
 def _tail(path: str, n: int) -> str:
@@ -168,7 +171,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str = 
     workdir = tempfile.mkdtemp(prefix="tropd_sandbox_")
     try:
         prefix = _prefix(limits.python, limits.network_namespace, limits.drop_privileges)
-        cmd = [*prefix, limits.python, "-I", "-B", "-c", _GUARD]
+        cmd = [*prefix, limits.python, "-I", "-B", "-c", _guard_source(limits, "setpriv" in prefix)]
         if "setpriv" in prefix:
             os.chmod(workdir, 0o777)  # the program runs as nobody and writes its outputs here
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
@@ -180,7 +183,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), stdin: str = 
             try:
                 proc = subprocess.Popen(
                     cmd, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
-                    start_new_session=True, preexec_fn=functools.partial(_set_limits, limits, "setpriv" in prefix), close_fds=True,
+                    start_new_session=True, close_fds=True,
                 )
             except OSError as e:
                 return SandboxResult(ERROR, None, "", "", time.monotonic() - start, f"could not start: {e}")
