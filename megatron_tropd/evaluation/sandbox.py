@@ -3,15 +3,16 @@
 Layers (each documented with its limits in docs/evaluation.md):
 - a fresh temporary directory as cwd and HOME, deleted afterwards; an environment with only PATH/LANG/HOME (no
   proxies, no PYTHONPATH, no credentials) and `python -I` (isolated mode: ignores PYTHON* variables, user site);
-- `resource.setrlimit` in the child (first thing its Python does): RLIMIT_CPU (CPU seconds), RLIMIT_AS (address space), RLIMIT_FSIZE (file
-  size: also caps the captured stdout/stderr, which go to files), RLIMIT_NOFILE, RLIMIT_CORE = 0;
+- `resource.setrlimit`, set by the child's first Python statements: RLIMIT_CPU (CPU seconds), RLIMIT_AS
+  (address space), RLIMIT_FSIZE (file size: also caps stdout/stderr, which go to files), RLIMIT_NOFILE,
+  RLIMIT_CORE = 0, and RLIMIT_NPROC when running as nobody;
 - a wall-clock timeout; the child runs in its own session and the whole process group is SIGKILLed at the end;
-- network: the child runs under `unshare -rn` (a new, empty network namespace: no interfaces but a down loopback,
-  so every connect fails with ENETUNREACH before a packet exists) when that works here, and in every case a
-  Python audit hook in the child refuses to create AF_INET/AF_INET6/AF_PACKET sockets and refuses connect/bind/
-  sendto before the system call;
-- privileges: when the harness runs as root and the interpreter is reachable by uid 65534, the child is started
-  as `nobody` (setpriv); otherwise it runs as the harness user and CAN read/write that user's files.
+- network: the child runs in a new, empty network namespace (`unshare -n` as root, `unshare -rn` otherwise: only
+  a down loopback, so every connect fails with ENETUNREACH before a packet exists) when that works here, and in
+  every case a Python audit hook in the child refuses to create AF_INET/AF_INET6/AF_PACKET sockets and refuses
+  connect/bind/sendto to IP addresses and DNS look-ups before the system call;
+- privileges: when the harness runs as root and `setpriv` works, the child runs as uid/gid 65534 (nobody) with
+  no capabilities; otherwise it runs as the harness user and CAN read/write that user's files.
 """
 from __future__ import annotations
 
