@@ -8,9 +8,9 @@ Failures: connection errors / 5xx are retried with exponential back-off; a launc
 relaunched (`on_server_failure: relaunch`, with the newest synced weights) or the call fails with an error that
 names the server, the request and the server's log (`fail`). Every HTTP call has a timeout: nothing hangs.
 
-Log-probs: SGLang reports log softmax(logits / T) of the sampled token; with top_p < 1 (or top_k) they are of the
-renormalised *filtered* distribution, unlike the embedded engine (unfiltered). Use top_p = 1 with SGLang when the
-objective trusts rollout log-probs (docs/rollout.md). Greedy (T = 0) reports the T = 1 distribution.
+Log-probs: SGLang 0.5.23 reports log(softmax(logits / T)) of the sampled token, of the *unfiltered* tempered
+distribution (its sampler filters a sorted copy for top-p/top-k), the embedded engine's convention; greedy (T = 0)
+reports the T = 1 distribution. Tested against the megatron student at T = 1 and at T = 0.7 with top_p = 0.8.
 
 Weight sync (`update_weights`, student servers only), wrapped in pause_generation -> flush_cache -> update ->
 continue_generation:
@@ -42,7 +42,10 @@ from megatron_tropd.rollout.sglang_server import SGLangServerError, Server, Serv
 
 logger = logging.getLogger(__name__)
 
-SEED_MASK = (1 << 31) - 1  # SGLang's sampling_seed is used as a 32-bit torch generator seed on some paths
+
+
+class _Aborted(SGLangServerError):
+    """The server aborted a request (pause_generation(mode=abort) during a weight update); it is retried."""
 
 
 class WeightSyncError(RuntimeError):
@@ -149,12 +152,13 @@ class SGLangEngine:
 
     def _payload(self, req: GenerationRequest, prefix: list[int], budget: int, k: int,
                  params: SamplingParams) -> dict:
+        # SGLang also stops at the model's EOS ids (`ignore_eos` would disable stop_token_ids too); the trainer
+        # always passes the tokenizer's EOS among the stop ids, so both engines stop at the same tokens there.
+        # sampling_seed is honoured only by servers started with --enable-deterministic-inference (GPU attention
+        # backends); the CPU torch-native server ignores it (docs/rollout.md, "Determinism").
         sp = {"temperature": float(params.temperature), "top_p": float(params.top_p), "max_new_tokens": budget,
-              "stop_token_ids": list(params.stop_token_ids),
-              # only our stop ids end a response (as in the embedded engine); the model's EOS is one of them
-              # whenever the trainer passes the tokenizer's EOS
-              "ignore_eos": True, "skip_special_tokens": False, "no_stop_trim": True,
-              "sampling_seed": sample_seed(params.seed, req.request_id, k) & SEED_MASK}
+              "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False, "no_stop_trim": True,
+              "sampling_seed": sample_seed(params.seed, req.request_id, k)}
         return {"input_ids": list(req.prompt_ids) + prefix, "sampling_params": sp, "return_logprob": True,
                 "logprob_start_len": -1}
 
@@ -179,10 +183,24 @@ class SGLangEngine:
             server = self.pool.acquire(exclude=tried)
             try:
                 self.stats["requests"] += 1
-                return srv.post(server.url, "/generate", payload, timeout=self.cfg.request_timeout_s)
+                resp = srv.post(server.url, "/generate", payload, timeout=self.cfg.request_timeout_s)
+                fin = (resp.get("meta_info") or {}).get("finish_reason") or {}
+                if isinstance(fin, dict) and fin.get("type") == "abort":
+                    # aborted (e.g. by pause_generation during a weight update): regenerate it whole, so one
+                    # sample never mixes two weight versions
+                    raise _Aborted(f"{server.name} aborted {what}: {fin.get('message', fin)}")
+                resp["_server"] = server.name
+                return resp
+            except _Aborted as e:
+                last = e
+                if attempt + 1 < attempts:
+                    self.stats["retries"] += 1
+                    time.sleep(delay)
+                    delay *= 2
+                continue
             except (requests.RequestException, SGLangServerError) as e:
                 last = e
-                if isinstance(e, SGLangServerError) and " 4" in str(e).split("HTTP", 1)[-1][:3]:
+                if isinstance(e, SGLangServerError) and e.status is not None and 400 <= e.status < 500:
                     raise SGLangServerError(f"SGLang {server.name} rejected {what}: {e}") from e  # 4xx: no retry
                 if len(self.servers) > 1:
                     tried.add(server.url)
@@ -239,8 +257,14 @@ class SGLangEngine:
         fin = meta.get("finish_reason") or {}
         kind = fin.get("type") if isinstance(fin, dict) else str(fin)
         s.finish_reason = "stop" if (kind == "stop" or (ids and ids[-1] in stop)) else "length"
-        s.weight_version = self._parse_version(meta.get("weight_version"), what)
-        s.meta["server"] = resp.get("_server", None) or s.meta.get("server")
+        # A request that ran across an update reports one span per version: record the oldest (conservative;
+        # the trainer's max_weight_lag check then sees it).
+        spans = meta.get("weight_versions") or []
+        versions = [self._parse_version(sp.get("version"), what) for sp in spans if isinstance(sp, dict)]
+        s.weight_version = min(versions) if versions else self._parse_version(meta.get("weight_version"), what)
+        if len(set(versions)) > 1:
+            s.meta["weight_versions"] = spans
+        s.meta["server"] = resp.get("_server")
         s.meta["engine"] = "sglang"
 
     def _parse_version(self, v, what: str) -> int:
@@ -330,8 +354,9 @@ class SGLangEngine:
         class _Ctx:
             def __enter__(self):
                 if engine.cfg.pause_during_update:
-                    srv.post(s.url, "/pause_generation", {"mode": "in_place"}, timeout=30)
-                    srv.post(s.url, "/flush_cache", None, timeout=30)
+                    # abort: in-flight requests come back aborted and are regenerated with the new weights
+                    srv.post(s.url, "/pause_generation", {"mode": "abort"}, timeout=30)
+                    srv.post(s.url, "/flush_cache?timeout=30", None, timeout=60)
 
             def __exit__(self, *exc):
                 if engine.cfg.pause_during_update:
@@ -419,8 +444,8 @@ class SGLangEngine:
                     if not f.result().get("success", False):
                         raise WeightSyncError(f"/init_weights_update_group refused: {f.result()}")
         for s in self.servers:
-            srv.post(s.url, "/pause_generation", {"mode": "in_place"}, timeout=30)
-            srv.post(s.url, "/flush_cache", None, timeout=30)
+            srv.post(s.url, "/pause_generation", {"mode": "abort"}, timeout=30)
+            srv.post(s.url, "/flush_cache?timeout=30", None, timeout=60)
         try:
             buckets = list(self._buckets((n, t.cuda().contiguous()) for n, t in named_tensors))
             for i, bucket in enumerate(buckets):

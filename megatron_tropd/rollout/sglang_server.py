@@ -7,6 +7,8 @@ Talks HTTP only (`requests`): the SGLang venv and the trainer venv never share a
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import signal
@@ -27,7 +29,11 @@ STUB_DIR = Path(__file__).resolve().parents[2] / "tests" / "sglang_stubs"  # imp
 
 
 class SGLangServerError(RuntimeError):
-    """A server failed to start, died, or kept failing a request."""
+    """A server failed to start, died, or kept failing a request. `status`: the HTTP status, when there was one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,7 +75,7 @@ def post(url: str, path: str, payload: dict | None, timeout: float) -> dict:
     """POST JSON, return the JSON body; raises requests exceptions (connection) or SGLangServerError (4xx/5xx)."""
     r = requests.post(url.rstrip("/") + path, json=payload if payload is not None else {}, timeout=timeout)
     if r.status_code >= 400:
-        raise SGLangServerError(f"POST {url}{path} -> HTTP {r.status_code}: {r.text[:500]}")
+        raise SGLangServerError(f"POST {url}{path} -> HTTP {r.status_code}: {r.text[:500]}", r.status_code)
     if not r.content:
         return {}
     try:
@@ -148,15 +154,53 @@ def launch(model_path: str | Path, cfg: SGLangConfig, log_dir: str | Path, role:
     return server
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that launched it dies (even by SIGKILL), so a crashed
+    trainer leaves no server behind (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_LIVE: dict[int, Server] = {}  # launched servers not yet stopped (stopped at interpreter exit)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for s in list(_LIVE.values()):
+        stop(s, grace_s=5.0)
+
+
 def _start(server: Server) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
     with open(server.log_path, "ab") as log:  # the child keeps its own descriptor
         log.write(f"\n==== launch {server.launches}: {' '.join(server.argv)}\n".encode())
         log.flush()
         server.proc = subprocess.Popen(server.argv, env={**os.environ, **server.env}, stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)  # own process group: stop() kills all of it
+                                       start_new_session=True,  # own process group: stop() kills all of it
+                                       # PDEATHSIG follows the launching *thread*: only from the main one
+                                       preexec_fn=_die_with_parent if main_thread else None)
     server.launches += 1
+    _LIVE[server.proc.pid] = server
+    _record(server)
     logger.info(f"launched SGLang {server.name} (pid {server.proc.pid}), log {server.log_path}")
+
+
+def _record(server: Server) -> None:
+    """{log_dir}/servers.json: role, url, pid, log of every launched server (operators, fault tests)."""
+    path = server.log_path.parent / "servers.json"
+    try:
+        rows = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        rows = []
+    rows = [r for r in rows if not (r["role"] == server.role and r["index"] == server.index)]
+    rows.append({"role": server.role, "index": server.index, "url": server.url, "pid": server.proc.pid,
+                 "log": str(server.log_path), "launches": server.launches})
+    path.write_text(json.dumps(rows, indent=1))
 
 
 def relaunch(server: Server, model_path: str | Path, weight_version: int) -> None:
@@ -202,10 +246,8 @@ def stop(server: Server, grace_s: float = 15.0) -> None:
     p = server.proc
     if p is None:
         return
-    try:
-        pgid = os.getpgid(p.pid)
-    except ProcessLookupError:
-        pgid = None
+    _LIVE.pop(p.pid, None)
+    pgid = p.pid  # start_new_session: the launcher leads its own process group
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
         try:
