@@ -18,8 +18,8 @@ EVAL_METRICS_FILE = "eval_metrics.jsonl"
 # Progress-line fields: label -> candidate metric keys (first present wins).
 PROGRESS_KEYS = {
     "loss": ("loss",),
-    "kl": ("kl", "k1_kl", "reverse_kl"),
-    "trust": ("trust_frac", "trust_fraction"),
+    "kl": ("reward/k1_rkl", "kl", "k1_kl", "reverse_kl"),
+    "trust": ("trust/frac", "trust_frac", "trust_fraction"),
     "tok/s": ("tokens_per_s", "tok_per_s", "throughput/tokens_per_s"),
 }
 
