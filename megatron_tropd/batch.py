@@ -48,6 +48,13 @@ class RolloutBatch:
         n = self.size // parts
         return [self.select(slice(i * n, (i + 1) * n)) for i in range(parts)]
 
+    def dp_shard(self, dp_size: int, dp_rank: int, minibatches: int = 1) -> "RolloutBatch":
+        """This data-parallel rank's sequences: the global batch is cut into `minibatches` (one optimizer step
+        each) and every minibatch is split over the DP ranks, so a minibatch holds the same sequences whatever
+        the DP size (the step is layout invariant)."""
+        parts = [mini.split(dp_size)[dp_rank] for mini in self.split(minibatches)]
+        return RolloutBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(self)})
+
     def micro_batches(self, micro_batch_size: int) -> list["RolloutBatch"]:
         if self.size % micro_batch_size:
             raise ValueError(f"{self.size} sequences per data-parallel rank is not a multiple of "

@@ -231,7 +231,7 @@ def train(cfg) -> dict | None:
         samples, sample_ids = box[0]
         t_roll = time.time() - t0
         batch = build_batch(samples, pad_id, sample_ids, pad_to_multiple=8 * groups.tp_size)
-        mine = batch.split(groups.dp_size)[groups.dp_rank]
+        mine = batch.dp_shard(groups.dp_size, groups.dp_rank, cfg.optim.minibatches_per_update)
         metrics = distill_step(student, teacher, mine, objective, groups, step, step_opts)
         sync_weights(engines, student, groups, s_arch, version=step + 1)
         dt = time.time() - t0

@@ -51,17 +51,18 @@ def _samples(n=8, seed=0):
     return out
 
 
-def _run_step(groups, weights, objective_cfg, steps=1, micro_batch_size=2, lr=1e-3):
+def _run_step(groups, weights, objective_cfg, steps=1, micro_batch_size=2, lr=1e-3, epochs=1, minibatches=1):
     from megatron_tropd.roles import build_student, build_teacher
     from megatron_tropd.step import StepOptions, distill_step
 
     student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
-                            OptimConfig(lr=lr, clip_grad=1.0), total_updates=steps)
+                            OptimConfig(lr=lr, clip_grad=1.0), total_updates=steps * epochs * minibatches)
     teacher = build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups))
     batch = build_batch(_samples(), pad_id=0)
-    mine = batch.split(groups.dp_size)[groups.dp_rank]
+    mine = batch.dp_shard(groups.dp_size, groups.dp_rank, minibatches)
     objective = build_objective(objective_cfg)
-    opts = StepOptions(temperature=0.9, vocab_size=VOCAB, micro_batch_size=micro_batch_size)
+    opts = StepOptions(temperature=0.9, vocab_size=VOCAB, micro_batch_size=micro_batch_size,
+                       updates_per_batch=epochs, minibatches_per_update=minibatches)
     history = [distill_step(student, teacher, mine, objective, groups, step, opts) for step in range(steps)]
     return {
         "metrics": history,
@@ -140,3 +141,33 @@ def test_no_rank_allocates_a_full_vocabulary_tensor():
         assert row["largest_alloc_bytes"] <= row["logits_shard_fp32_bytes"]
         assert row["largest_alloc_bytes"] < row["full_vocab_fp32_bytes"]
         assert row["peak_bytes"] < 4 * row["logits_shard_fp32_bytes"]
+
+
+def test_ppo_epochs_and_minibatches_are_layout_invariant(weights):
+    """2 epochs x 2 minibatches = 4 optimizer steps per rollout batch; the second epoch sees rho != 1 (the PPO clip
+    of EOPD engages) and DP=2 x micro-batches gives the same weights as one rank."""
+    cfg = OBJECTIVES["eopd"]
+    kw = {"epochs": 2, "minibatches": 2, "micro_batch_size": 1, "lr": 1e-3}
+    ref = run_distributed(_run_step, 1, args=(weights, cfg), kwargs=kw)[0]
+    out = run_distributed(_run_step, 2, args=(weights, cfg), kwargs=kw)[0]
+    for pname, tensor in ref["student"].items():
+        _close(out["student"][pname], tensor, f"student {pname}")
+    assert ref["metrics"][0]["loss"] == pytest.approx(out["metrics"][0]["loss"], rel=1e-5)
+    assert ref["metrics"][0]["clipped_frac"] > 0  # ratios moved away from 1 within the step
+
+
+def test_vocabulary_compatibility_check(tmp_path):
+    from megatron_tropd.roles import check_vocab_compatible
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_hf import char_tokenizer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    char_tokenizer().save_pretrained(a)
+    char_tokenizer().save_pretrained(b)
+    check_vocab_compatible(a, b, STUDENT, STUDENT)  # same tokenizer files: fine
+    with pytest.raises(ValueError, match="vocabularies differ in size: 200"):
+        check_vocab_compatible(a, b, STUDENT, STUDENT.replace(vocab_size=300))
+    (b / "tokenizer.json").write_text((b / "tokenizer.json").read_text().replace('"a": ', '"A_": ', 1))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_vocab_compatible(a, b, STUDENT, STUDENT)
