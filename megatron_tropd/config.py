@@ -80,6 +80,9 @@ class EvalConfig:
     samples_per_prompt: int = 1  # held-out rollouts per eval prompt
     temperature: float = 1.0  # eval sampling temperature (KL estimate is on samples from the student)
     max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+    benchmark: str | None = None  # also run `tropd eval`'s harness: humaneval / rg:<task> / a JSONL or Parquet path
+    benchmark_limit: int | None = 32  # problems of the benchmark used at each evaluation (None = all)
+    benchmark_samples: int = 1  # samples per benchmark problem (reports avg@n and pass@1 / pass@n)
 
 
 @dataclass

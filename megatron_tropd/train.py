@@ -282,6 +282,20 @@ def _make_eval(cfg, prompts, engines, student, teacher, groups, tokenizer, param
     from megatron_tropd.scoring import score_student_old, score_teacher
 
     n = cfg.eval.samples_per_prompt
+    benchmark = None
+    if cfg.eval.benchmark and groups.rank == 0:
+        from megatron_tropd.evaluation.benchmarks import load_benchmark
+
+        benchmark = load_benchmark(cfg.eval.benchmark, limit=cfg.eval.benchmark_limit, seed=cfg.data.seed)
+
+    def run_benchmark(step: int) -> dict:
+        """The same harness as `tropd eval` (one code path), on the student engine with the current weights."""
+        from megatron_tropd.evaluation.harness import evaluate as evaluate_benchmark
+
+        k = sorted({1, cfg.eval.benchmark_samples})
+        res = evaluate_benchmark(engines["student"], benchmark, params, cfg.eval.benchmark_samples, k, tokenizer,
+                                 out_dir=Path(cfg.train.run_dir) / "eval" / f"step_{step:06d}")
+        return {f"bench/{res.benchmark}/{name}": value for name, value in res.metrics.items()}
 
     def evaluate(step: int) -> dict | None:
         payload = None
@@ -292,10 +306,11 @@ def _make_eval(cfg, prompts, engines, student, teacher, groups, tokenizer, param
             samples = [s for group in out for s in group]
             scores = [p.score(tokenizer.decode(s.response_ids, skip_special_tokens=True))
                       for p, group in zip(prompts, out) for s in group]
-            payload = (samples, scores)
+            bench = run_benchmark(step) if benchmark is not None else {}
+            payload = (samples, scores, bench)
         box = [payload]
         dist.broadcast_object_list(box, src=0)
-        samples, scores = box[0]
+        samples, scores, bench = box[0]
         batch = build_batch(samples, pad_id, pad_to_multiple=8 * groups.tp_size)
         mine = batch.split(groups.dp_size)[groups.dp_rank] if batch.size % groups.dp_size == 0 else batch
         micro = mine.micro_batches(1) if mine.size % cfg.optim.micro_batch_size else \
@@ -317,7 +332,7 @@ def _make_eval(cfg, prompts, engines, student, teacher, groups, tokenizer, param
             kl, agree, count = stats.tolist()
             result = {"reverse_kl_k1": kl / max(count, 1), "token_agreement": agree / max(count, 1),
                       "accuracy": sum(scores) / max(len(scores), 1),
-                      "response_length": float(batch.response_mask.sum()) / batch.size}
+                      "response_length": float(batch.response_mask.sum()) / batch.size, **bench}
         return broadcast_from_last_stage(result, groups)
 
     return evaluate

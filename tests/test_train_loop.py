@@ -51,7 +51,7 @@ def _train(groups, overrides):
 
 
 OBJECTIVE_OVERRIDES = {
-    "tropd_fkl": {"objective.name": "tropd"},
+    "tropd_fkl": {"objective.name": "tropd", "eval.benchmark": "rg:basic_arithmetic", "eval.benchmark_limit": 2},
     "tropd_clip": {"objective.name": "tropd", "objective.outlier": "clip"},
     "tropd_mask": {"objective.name": "tropd", "objective.outlier": "mask"},
     "opd": {"objective.name": "opd", "guidance.enabled": "false"},
@@ -74,6 +74,9 @@ def test_loop_runs_with_every_objective(tiny_models, tmp_path, name):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["weight_version"] == 2
     assert (tmp_path / "checkpoints" / "step_000001" / "COMPLETE").exists()
+    if "eval.benchmark" in OBJECTIVE_OVERRIDES[name]:  # the `tropd eval` harness inside the trainer's eval
+        assert summary["after"]["bench/rg_basic_arithmetic/pass@1"] in (0.0, 0.5, 1.0)
+        assert (tmp_path / "eval" / "step_000002").is_dir()
 
 
 def _metrics(run_dir: Path) -> list[dict]:
