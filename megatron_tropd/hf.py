@@ -470,8 +470,9 @@ def export_hf_checkpoint(model, groups, arch: ModelArch, out_dir: str | Path, to
                 write_safetensors_shards(stream, tmp, max_shard_bytes, progress)
                 config = dict(hf_config) if hf_config else hf_config_from_arch(arch)
                 config.pop("quantization_config", None)
-                config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
-                config.pop("dtype", None)
+                # transformers 5.x reads "dtype", 4.x "torch_dtype"
+                config["dtype"] = config["torch_dtype"] = str(dtype or next(model.parameters()).dtype
+                                                              ).removeprefix("torch.")
                 (tmp / "config.json").write_text(json.dumps(config, indent=2))
                 if tokenizer_dir is not None:
                     copy_tokenizer(tokenizer_dir, tmp)
