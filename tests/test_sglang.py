@@ -38,7 +38,7 @@ def _save_tiny(path: Path, seed: int) -> Path:
 
 
 def _cfg(**kw) -> SGLangConfig:
-    return SGLangConfig(python=SGL_PY, startup_timeout_s=STARTUP_S, request_timeout_s=60, **kw)
+    return SGLangConfig(**{"python": SGL_PY, "startup_timeout_s": STARTUP_S, "request_timeout_s": 60, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,19 @@ def test_config_validation_and_gpu_only_paths(tmp_path):
         SGLangEngine(urls=[f"http://127.0.0.1:{srv.free_port()}"])
 
 
+def test_server_pool_balancing():
+    a, b, c = (srv.Server(url=f"http://127.0.0.1:{9000 + i}", index=i) for i in range(3))
+    pool = srv.ServerPool([a, b, c])  # least outstanding
+    got = [pool.acquire() for _ in range(3)]
+    assert got == [a, b, c] and [x.outstanding for x in (a, b, c)] == [1, 1, 1]
+    pool.release(b)
+    assert pool.acquire() is b  # the least busy one
+    assert pool.acquire(exclude={a.url, b.url}) is c  # a retry avoids the servers that failed it
+    assert pool.acquire(exclude={a.url, b.url, c.url}) in (a, b, c)  # all excluded: fall back to any
+    rr = srv.ServerPool([a, b], policy="round_robin")
+    assert [rr.acquire() for _ in range(4)] == [a, b, a, b]
+
+
 @needs_server
 def test_generate_shapes_seeds_and_versions(server):
     eng = SGLangEngine(urls=[server.url], cfg=_cfg())
@@ -220,19 +233,73 @@ def test_logprobs_match_megatron_before_and_after_sync(server, model_dir, tmp_pa
 
 @needs_server
 def test_bad_weight_update_is_reported_and_blocks_generation(server, model_dir, tmp_path):
-    eng = SGLangEngine(urls=[server.url], cfg=_cfg(), base_model_dir=model_dir, weights_dir=tmp_path)
+    eng = SGLangEngine(urls=[server.url], cfg=_cfg(), base_model_dir=model_dir, weights_dir=tmp_path / "w")
     with pytest.raises(WeightSyncError, match="refused"):
         eng._update_from_disk(server, tmp_path / "does-not-exist", 5)
-    # a stream that cannot be loaded (a tensor name the model does not have): the server refuses the update,
-    # the engine stays at its version and refuses to generate (the trainer stops instead of training on stale
-    # weights); the server itself keeps serving its old weights.
-    with pytest.raises(WeightSyncError):
-        eng.update_weights(iter([("model.not_a_weight", torch.zeros(3))]), 5)
-    assert eng.weight_version == 0
+    # Through update_weights, as the trainer calls it: the written dir is not where the server looks (e.g.
+    # weights_dir on a filesystem the server cannot see). The server refuses, the engine keeps its version and
+    # refuses to generate, so the run stops instead of training on samples from stale weights.
+    eng._write_version = lambda stream, version: (list(stream), tmp_path / "not-visible-to-server")[1]
+    stream = _hf_stream(model_dir)
+    with pytest.raises(WeightSyncError, match=r"version 5 failed.*refused"):
+        eng.update_weights(stream, 5)
+    assert next(stream, None) is None and eng.weight_version == 0
     with pytest.raises(WeightSyncError, match="stale"):
         eng.generate(REQS, PARAMS)
     fresh = SGLangEngine(urls=[server.url], cfg=_cfg())
-    assert fresh.generate(REQS[:1], PARAMS)[0][0].weight_version in (0, 1)  # still serving
+    assert len(fresh.generate(REQS[:1], PARAMS)[0]) == 2  # the server keeps serving its old weights
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@needs_server
+def test_train_end_to_end_with_student_and_teacher_servers(server, model_dir, tmp_path):
+    """`tropd train ... rollout.engine=sglang`: the student server is the module's (attached by URL, as `tropd
+    launch` exports it; it serves the same tiny student), the teacher server is launched by the trainer."""
+    import subprocess
+    import sys
+
+    from tiny_hf import char_tokenizer, tiny_llama
+
+    models = tmp_path / "models"
+
+    tiny_llama(seed=1, layers=3).save_pretrained(str(models / "teacher"))
+    char_tokenizer().save_pretrained(str(models / "teacher"))
+    run = tmp_path / "run"
+    overrides = {"student.path": model_dir, "teacher.path": models / "teacher", "train.run_dir": run,
+                 "train.steps": 2, "train.progress": "false", "train.tensorboard": "false",
+                 "rollout.engine": "sglang", "rollout.prompts_per_step": 2, "rollout.samples_per_prompt": 2,
+                 "rollout.max_new_tokens": 8, "optim.micro_batch_size": 2, "data.size": 16, "data.eval_size": 2,
+                 "guidance.prefix_fraction": 0.5, "train.save_interval": 1}
+    cmd = [sys.executable, "-m", "megatron_tropd.cli", "train", "--config",
+           str(ROOT / "examples/configs/smollm2_tropd_cpu.yaml"), *[f"{k}={v}" for k, v in overrides.items()]]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TROPD_SGLANG_PYTHON": SGL_PY, "TROPD_SGLANG_STUDENT_URLS": server.url})
+    print(f"[sglang] tropd train rollout.engine=sglang: rc {p.returncode} in {time.time() - t0:.0f}s")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    servers = json.loads((run / "sglang" / "servers.json").read_text())
+    assert [r["role"] for r in servers] == ["teacher"]  # the student was attached, not launched
+    assert not any(_pid_alive(r["pid"]) for r in servers)  # every launched server was stopped
+    assert server.alive()  # an attached server is left running
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and records[-1]["weight_version"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert sorted(d.name for d in (run / "sglang_weights").iterdir()) == ["v000001", "v000002"]
+    assert (run / "checkpoints" / "step_000001" / "COMPLETE").exists()
+    # teacher prefixes were written by the teacher server: some trained sequences start with one
+    fractions = [v for r in records for k, v in r.items() if k.endswith("prefixed_fraction")]
+    assert fractions and max(fractions) > 0, records[0].keys()
 
 
 # ------------------------------------------------------------------------------------------------ fault tests
@@ -255,29 +322,28 @@ def _hf_stream(model_dir: Path):
 
 
 @needs_server
-def test_server_killed_mid_generation_relaunch_then_fail(model_dir, tmp_path):
+def test_server_killed_mid_generation_relaunch_then_fail(server, model_dir, tmp_path):
+    """Runs after the other tests of the module server (it kills that server; saves a launch of its own)."""
     cfg = _cfg(on_server_failure="relaunch", retries=2, backoff_s=0.5, request_timeout_s=60, concurrency=8)
-    s = srv.launch(model_dir, cfg, tmp_path / "logs", "student", 0)
-    eng = SGLangEngine(servers=[s], cfg=cfg, base_model_dir=model_dir, weights_dir=tmp_path / "w",
-                       check_health=False)
-    long_reqs = [GenerationRequest(prompt_ids=_prompt(i, 4), n=2, request_id=i) for i in range(12)]
+    eng = SGLangEngine(servers=[server], cfg=cfg, base_model_dir=model_dir, weights_dir=tmp_path / "w")
+    long_reqs = [GenerationRequest(prompt_ids=_prompt(i, 4), n=2, request_id=i) for i in range(8)]
     long_params = SamplingParams(temperature=1.0, max_new_tokens=200, seed=1)  # no stop id: 200 tokens each
     try:
-        srv.wait_healthy([s], STARTUP_S)
-        eng.update_weights(_hf_stream(model_dir), 1)  # a relaunch must come back with version 1's weights
-        pid0 = s.proc.pid
-        _kill_group_after(s, 1.0)
+        eng.update_weights(_hf_stream(model_dir), 3)  # a relaunch must come back with version 3's weights
+        pid0 = server.proc.pid
+        _kill_group_after(server, 1.0)
         t0 = time.time()
         out = eng.generate(long_reqs, long_params)
         print(f"[sglang] killed mid-generation, relaunched and retried in {time.time() - t0:.1f}s")
-        assert eng.stats["relaunches"] == 1 and s.proc.pid != pid0 and s.launches == 2
-        assert all(len(x.response_ids) == 200 and x.weight_version == 1 for g in out for x in g)
-        argv = s.argv
-        assert argv[argv.index("--model-path") + 1] == str(tmp_path / "w" / "v000001")
+        assert eng.stats["relaunches"] == 1 and server.proc.pid != pid0 and server.launches == 2
+        assert all(len(x.response_ids) == 200 and x.weight_version == 3 for g in out for x in g)
+        argv = server.argv
+        assert argv[argv.index("--model-path") + 1] == str(tmp_path / "w" / "v000003")
+        assert argv[argv.index("--weight-version") + 1] == "3"
 
         # policy "fail": a clear error naming the server and the request, well before any timeout
         eng.cfg.on_server_failure = "fail"
-        _kill_group_after(s, 1.0)
+        _kill_group_after(server, 1.0)
         t0 = time.time()
         with pytest.raises(SGLangServerError, match=r"student\[0\] http://127\.0\.0\.1:\d+ is down while serving "
                                                     r"request_id=\d+ sample=\d+"):
@@ -285,54 +351,5 @@ def test_server_killed_mid_generation_relaunch_then_fail(model_dir, tmp_path):
         assert time.time() - t0 < 30
     finally:
         eng.close()
-    assert s.proc.poll() is not None
-    assert json.loads((tmp_path / "logs" / "servers.json").read_text())[0]["launches"] == 2
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@needs_server
-def test_train_end_to_end_with_student_and_teacher_servers(tmp_path):
-    import subprocess
-    import sys
-
-    models = tmp_path / "models"
-    _save_tiny(models / "student", seed=0)
-    from tiny_hf import char_tokenizer, tiny_llama
-
-    tiny_llama(seed=1, layers=3).save_pretrained(str(models / "teacher"))
-    char_tokenizer().save_pretrained(str(models / "teacher"))
-    run = tmp_path / "run"
-    overrides = {"student.path": models / "student", "teacher.path": models / "teacher", "train.run_dir": run,
-                 "train.steps": 2, "train.progress": "false", "train.tensorboard": "false",
-                 "rollout.engine": "sglang", "rollout.prompts_per_step": 2, "rollout.samples_per_prompt": 2,
-                 "rollout.max_new_tokens": 8, "optim.micro_batch_size": 2, "data.size": 16, "data.eval_size": 2,
-                 "guidance.prefix_fraction": 0.5, "train.save_interval": 1}
-    cmd = [sys.executable, "-m", "megatron_tropd.cli", "train", "--config",
-           str(ROOT / "examples/configs/smollm2_tropd_cpu.yaml"), *[f"{k}={v}" for k, v in overrides.items()]]
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TROPD_SGLANG_PYTHON": SGL_PY})
-    print(f"[sglang] tropd train rollout.engine=sglang: rc {p.returncode} in {time.time() - t0:.0f}s")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    servers = json.loads((run / "sglang" / "servers.json").read_text())
-    assert sorted(r["role"] for r in servers) == ["student", "teacher"]
-    assert not any(_pid_alive(r["pid"]) for r in servers)  # every launched server was stopped
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1] and records[-1]["weight_version"] == 2
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert sorted(d.name for d in (run / "sglang_weights").iterdir()) == ["v000001", "v000002"]
-    assert (run / "checkpoints" / "step_000001" / "COMPLETE").exists()
-    # teacher prefixes were written by the teacher server: some trained sequences start with one
-    fractions = [v for r in records for k, v in r.items() if k.endswith("prefixed_fraction")]
-    assert fractions and max(fractions) > 0, records[0].keys()
+    assert server.proc.poll() is not None
+    assert json.loads((server.log_path.parent / "servers.json").read_text())[0]["launches"] == 2

@@ -298,9 +298,8 @@ class SGLangEngine:
             for _ in named_tensors:  # drain: the stream is collective over the model-parallel ranks
                 pass
             self._stale = f"update to version {version} failed: {e}"
-            if isinstance(e, WeightSyncError):
-                raise
-            raise WeightSyncError(f"SGLang weight sync ({mode}) to version {version} failed: {e}") from e
+            raise WeightSyncError(f"SGLang weight sync ({mode}) to version {version} failed (the servers keep "
+                                  f"version {self._version}): {e}") from e
         self._version = version
         self._stale = None
         self.stats["last_sync_s"] = time.time() - t0
@@ -372,9 +371,14 @@ class SGLangEngine:
     def _update_from_disk(self, s: Server, path: Path, version: int) -> None:
         t0 = time.time()
         with self._paused(s):
-            r = srv.post(s.url, "/update_weights_from_disk",
-                         {"model_path": str(path), "weight_version": str(version)},
-                         timeout=self.cfg.update_timeout_s)
+            try:
+                r = srv.post(s.url, "/update_weights_from_disk",
+                             {"model_path": str(path), "weight_version": str(version)},
+                             timeout=self.cfg.update_timeout_s)
+            except SGLangServerError as e:
+                if e.status == 400:  # SGLang answers a failed load with 400 {"success": false, "message": ...}
+                    raise WeightSyncError(f"/update_weights_from_disk {path} was refused: {e}") from e
+                raise
         if not r.get("success", False):
             raise WeightSyncError(f"/update_weights_from_disk {path} was refused: {r.get('message', r)}")
         self.stats["last_update_s"] = time.time() - t0
