@@ -22,6 +22,7 @@ class SGLangConfig:
     teacher_urls: list[str] = field(default_factory=list)  # running servers serving the teacher; [] = launch
     student_servers: int = 1  # servers launched for the student when student_urls is empty
     teacher_servers: int = 1  # servers launched for the teacher (only when teacher prefixes are on)
+    placement: str = "dedicated"  # `tropd launch` only: dedicated (own nodes) | colocated (on trainer GPUs)
     # -- launch settings (`python -m sglang.launch_server`) ----------------------------------------------------
     python: str = ""  # interpreter with SGLang; "" = $TROPD_SGLANG_PYTHON, else "python"
     host: str = "127.0.0.1"  # bind address of launched servers (loopback: nothing else can reach them)
@@ -77,6 +78,8 @@ def validate(cfg: SGLangConfig) -> None:
         bad("weight_sync", cfg.weight_sync, f"use one of {SYNC_MODES}")
     if cfg.load_balance not in BALANCING:
         bad("load_balance", cfg.load_balance, f"use one of {BALANCING}")
+    if cfg.placement not in ("dedicated", "colocated"):
+        bad("placement", cfg.placement, "use dedicated | colocated")
     if cfg.device not in ("auto", "cpu", "cuda"):
         bad("device", cfg.device, "use auto | cpu | cuda")
     if cfg.sgl_kernel_stub not in ("auto", "on", "off"):
