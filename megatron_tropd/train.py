@@ -123,13 +123,12 @@ def train(cfg) -> dict | None:
     from megatron_tropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_tropd.config import save_config
     from megatron_tropd.data import PromptDataset, PromptSampler
-    from megatron_tropd.hf import arch_from_hf_config, iter_hf_tensors
+    from megatron_tropd.hf import arch_from_hf_config
     from megatron_tropd.metrics import MetricsLogger, format_summary
     from megatron_tropd.objectives import PrefixOptions, build_objective
     from megatron_tropd.roles import build_student, build_teacher, check_vocab_compatible, hf_loader
     from megatron_tropd.rollout.base import SamplingParams
     from megatron_tropd.rollout.factory import build_engines, sync_weights
-    from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
     from megatron_tropd.step import StepOptions, distill_step
 
     t_start = time.time()
@@ -169,7 +168,6 @@ def train(cfg) -> dict | None:
 
     dataset = PromptDataset(cfg.data, tokenizer)
     sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
-    n_per = cfg.rollout.samples_per_prompt
     stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
     params = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                             max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids, seed=cfg.train.seed)
@@ -213,22 +211,8 @@ def train(cfg) -> dict | None:
 
     for step in range(start, cfg.train.steps):
         t0 = time.time()
-        prompts = sampler.next_batch()
-        samples = None
-        if is_logger:
-            rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]
-            lengths = plan_prefix_lengths([p.id for p in prompts], n_per, step, prefix_opts)
-            per_prompt = generate_with_prefixes(engines["student"], engines.get("teacher"), prompts, lengths,
-                                                params, request_ids=rids)
-            samples = [s for rid, group in zip(rids, per_prompt) for j, s in enumerate(group)]
-            sample_ids = [rid * n_per + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
-            _check_versions(samples, engines["student"].weight_version, cfg.rollout.max_weight_lag)
-            payload = (samples, sample_ids)
-        else:
-            payload = None
-        box = [payload]
-        dist.broadcast_object_list(box, src=0)
-        samples, sample_ids = box[0]
+        samples, sample_ids = collect_rollouts(engines, sampler.next_batch(), step, cfg, params, prefix_opts,
+                                               generate=is_logger)
         t_roll = time.time() - t0
         batch = build_batch(samples, pad_id, sample_ids, pad_to_multiple=8 * groups.tp_size)
         mine = batch.dp_shard(groups.dp_size, groups.dp_rank, cfg.optim.minibatches_per_update)
@@ -263,6 +247,27 @@ def train(cfg) -> dict | None:
         e.close()
     parallel.destroy()
     return summary if is_logger else {}
+
+
+def collect_rollouts(engines: dict, prompts, step: int, cfg, params, prefix_opts, generate: bool):
+    """Rollouts of this step's prompts (teacher prefixes per the schedule, student continuations), generated on
+    the rank that holds the engines and broadcast to all ranks. Returns (samples, global sample ids)."""
+    from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
+
+    payload = None
+    if generate:
+        n = cfg.rollout.samples_per_prompt
+        rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]  # unique per step: seeds
+        lengths = plan_prefix_lengths([p.id for p in prompts], n, step, prefix_opts)
+        per_prompt = generate_with_prefixes(engines["student"], engines.get("teacher"), prompts, lengths, params,
+                                            request_ids=rids)
+        samples = [s for group in per_prompt for s in group]
+        sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
+        _check_versions(samples, engines["student"].weight_version, cfg.rollout.max_weight_lag)
+        payload = (samples, sample_ids)
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _check_versions(samples, version: int, max_lag: int) -> None:
