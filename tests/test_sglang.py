@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_tropd.rollout import sglang_server as srv
-from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams
+from megatron_tropd.rollout.base import GenerationRequest, SamplingParams
 from megatron_tropd.rollout.sglang import SGLangEngine, WeightSyncError
 from megatron_tropd.rollout.sglang_config import SGLangConfig, validate
 from megatron_tropd.rollout.sglang_server import SGLangServerError
@@ -126,7 +126,8 @@ def _megatron_side(groups, url: str, model_dir: str, weights_dir: str, temperatu
     stale_before_after, _, _ = compare(samples)  # old samples vs new student: must differ (weights moved)
     fresh = [s for g in engine.generate(REQS, params) for s in g]
     after, n_tok2, _ = compare(fresh)
-    return {"before": before, "after": after, "tempered": tempered, "moved": stale_before_after, "tokens": (n_tok, n_tok2),
+    return {"before": before, "after": after, "tempered": tempered, "moved": stale_before_after,
+            "tokens": (n_tok, n_tok2),
             "versions_before": versions_before, "versions_after": sorted({s.weight_version for s in fresh}),
             "engine_version": engine.weight_version, "sync_s": sync_s,
             "dirs": sorted(p.name for p in Path(weights_dir).iterdir())}
@@ -223,7 +224,8 @@ def test_logprobs_match_megatron_before_and_after_sync(server, model_dir, tmp_pa
 
     (r,) = run_distributed(_megatron_side, 1, args=(server.url, str(model_dir), str(tmp_path / "w"), 1.0))
     print(f"[sglang] |lp_sglang - lp_megatron| max: before {r['before']:.2e} after sync {r['after']:.2e} "
-          f"T=0.7/top_p=0.8 {r['tempered']:.2e} (tokens {r['tokens']}); old samples vs new student {r['moved']:.2e}; sync {r['sync_s']:.2f}s")
+          f"T=0.7/top_p=0.8 {r['tempered']:.2e} (tokens {r['tokens']}); old samples vs new student "
+          f"{r['moved']:.2e}; sync {r['sync_s']:.2f}s")
     assert min(r["tokens"]) >= 20
     assert r["before"] < 1e-4 and r["after"] < 1e-4 and r["tempered"] < 1e-4
     assert r["moved"] > 1e-2  # the optimizer step changed the student, so matching after sync is meaningful
