@@ -2,8 +2,8 @@
 
     cfg = load_config("examples/configs/smollm2_tropd_cpu.yaml", ["train.steps=20", "objective.outlier=clip"])
 
-Sections are owned by the module that uses them (`ObjectiveConfig` in `objectives`, `DataConfig` in `data`); the
-rest is defined here. Every option is documented in `docs/configuration.md` (a test checks that every field
+Sections are owned by the module that uses them (`ObjectiveConfig` in `objectives`, `DataConfig` in `data`,
+`SGLangConfig` in `rollout.sglang_config`, `ClusterConfig` in `cluster_config`); the rest is defined here. Every option is documented in `docs/configuration.md` (a test checks that every field
 appears there). Unknown keys, wrong types and invalid values raise `ConfigError` naming the file and key.
 """
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_tropd.cluster_config import ClusterConfig
 from megatron_tropd.data import DataConfig
 from megatron_tropd.objectives import ObjectiveConfig
+from megatron_tropd.rollout.sglang_config import SGLangConfig
 
 
 class ConfigError(ValueError):
@@ -110,6 +112,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _check_choice(section: str, key: str, value: Any, valid: tuple) -> None:

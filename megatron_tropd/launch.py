@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from megatron_tropd.cluster_config import ClusterConfig, SGLangConfig, load_run_config
+from megatron_tropd.cluster_config import ClusterConfig, load_run_config
+from megatron_tropd.rollout.sglang_config import SGLangConfig
+
+DEFAULT_PORT_BASE = 30000  # sglang.port_base = 0 means "free ports" locally; on a cluster, ports from here
 from megatron_tropd.config import Config
 
 
@@ -192,7 +195,7 @@ def _place_servers(cfg: Config, sg: SGLangConfig, hosts: list[str], gpus: int) -
     for n, (role, i, path) in enumerate(wanted):
         slot = n % slots_per_node
         host = hosts[n // slots_per_node]
-        servers.append(Server(role, i, host, sg.port_base + slot,
+        servers.append(Server(role, i, host, (sg.port_base or DEFAULT_PORT_BASE) + slot,
                               list(range(slot * sg.tp_size, (slot + 1) * sg.tp_size)), path))
     return servers
 
@@ -225,7 +228,7 @@ def make_plan(cfg: Config, sg: SGLangConfig, cl: ClusterConfig, env: ClusterEnv,
     notes = []
     if use_sglang:
         servers = _place_servers(cfg, sg, rollout_hosts if sg.placement == "dedicated" else trainer_hosts, gpus)
-        if sg.placement == "colocated" and sg.mem_fraction_static > 0.5:
+        if sg.placement == "colocated" and (sg.mem_fraction_static or 0.9) > 0.5:
             notes.append(f"colocated servers with mem_fraction_static={sg.mem_fraction_static}: the trainer "
                          f"shares these GPUs; keep it <= 0.5 unless the servers release memory during training")
     elif cfg.rollout.engine == "embedded":
@@ -240,10 +243,14 @@ def _env_prefix(env: dict[str, str]) -> str:
 
 
 def server_argv(s: Server, sg: SGLangConfig) -> list[str]:
-    python = sg.python if sg.python != "python" else os.environ.get("TROPD_SGLANG_PYTHON", "python")
+    python = sg.resolved_python()
+    # Trainer ranks on other nodes reach these servers: a loopback bind address (the local default) becomes 0.0.0.0.
+    host = "0.0.0.0" if sg.host in ("127.0.0.1", "localhost") else sg.host
     argv = [python, "-m", "sglang.launch_server", "--model-path", s.model_path,
-            "--tp-size", str(sg.tp_size), "--host", sg.host, "--port", str(s.port),
-            "--mem-fraction-static", str(sg.mem_fraction_static), "--dtype", sg.dtype]
+            "--tp-size", str(sg.tp_size), "--host", host, "--port", str(s.port)]
+    if sg.mem_fraction_static is not None:
+        argv += ["--mem-fraction-static", str(sg.mem_fraction_static)]
+    argv += ["--dtype", sg.dtype]
     if sg.context_length:
         argv += ["--context-length", str(sg.context_length)]
     return argv + list(sg.extra_args)

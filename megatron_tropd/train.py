@@ -116,6 +116,17 @@ def _cache_dir() -> Path:
 
 
 def train(cfg) -> dict | None:
+    """Run the distillation described by `cfg` (a config.Config). Returns the summary on rank 0, {} elsewhere.
+    Rollout engines (and the SGLang servers this run launched) are closed however the run ends."""
+    engines: dict = {}
+    try:
+        return _train(cfg, engines)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def _train(cfg, engines: dict) -> dict | None:
     from transformers import AutoTokenizer
 
     from megatron_tropd import parallel
@@ -192,7 +203,7 @@ def train(cfg) -> dict | None:
         elif is_logger:
             log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
 
-    engines = build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=is_logger)
+    engines.update(build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=is_logger))
     sync_weights(engines, student, groups, s_arch, version=start)  # the engine samples with the trained weights
 
     logger = None
@@ -243,8 +254,6 @@ def train(cfg) -> dict | None:
                    "wall_s": time.time() - t_start}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(_summary_text(summary, run_dir, format_summary))
-    for e in engines.values():
-        e.close()
     parallel.destroy()
     return summary if is_logger else {}
 
