@@ -18,7 +18,12 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (it is kept in the response)
-    seed: int = 0  # with the request's `seed_offset`, makes sampling reproducible (resume is bit-exact)
+    seed: int = 0  # with (request_id, sample index) seeds each sample's generator: reproducible sampling
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 0:
+            raise ValueError(f"bad SamplingParams: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0; "
+                             f"got {self}")
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,6 @@ class EmbeddedEngine:
         if self._stale:
             raise RuntimeError(f"EmbeddedEngine weights are partially updated ({self._stale}); call update_weights "
                                "again with a complete, valid set of tensors")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.max_new_tokens < 0:
-            raise ValueError(f"bad SamplingParams: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0; "
-                             f"got {params}")
         stop = set(params.stop_token_ids)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         samples: list[Sample | None] = []

@@ -119,9 +119,6 @@ class SGLangEngine:
         if self._stale:
             raise WeightSyncError(f"SGLang {self.role} servers hold stale weights ({self._stale}); refusing to "
                                   "generate until a weight update succeeds")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.max_new_tokens < 0:
-            raise ValueError(f"bad SamplingParams: need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0; "
-                             f"got {params}")
         stop = set(params.stop_token_ids)
         out: list[list[Sample]] = []
         jobs: list[tuple[Sample, dict, str]] = []
