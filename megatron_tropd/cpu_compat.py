@@ -20,7 +20,7 @@ behaviour is unchanged. Each patch replaces the CUDA device with the CPU and not
    -> 3 and 4: those two modules see a `torch` proxy whose tensor factories map a CUDA device to the CPU and
    whose `cuda.current_device()` / `cuda.synchronize()` are the CPU equivalents. Every other attribute is the
    real `torch`, and no other module is touched.
-Two more spots, found beyond the four above once RoPE and the local-spec attention run:
+Further spots, found beyond the four above once RoPE, the local-spec attention and the training stack run:
 5. `models/common/embeddings/rotary_pos_embedding.py` moves RoPE's `inv_freq` to `torch.cuda.current_device()`
    on the first forward, and
 6. `transformer/utils.py::get_default_causal_mask` builds the causal mask with `device="cuda"`, and
@@ -32,10 +32,16 @@ Two more spots, found beyond the four above once RoPE and the local-spec attenti
    (`device='cuda'` scalars for the loss scale, found-inf flag and grad norm) -> the same `torch` proxy;
    `clip_grads.clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'` -> the same
    in-place scaling by max_norm / (total_norm + 1e-6), asserting float32 on any device (`_clip_grads_fp32`).
+
+Two more are scoped to the call that needs them (context managers below, no-ops with CUDA):
+- `tensor_cuda_is_noop()` around GPTModel construction: with tied embeddings and PP > 1 megatron calls
+  `weight.data.cuda()` before the embedding-group all-reduce;
+- `dist_checkpoint_save()` around `dist_checkpointing.save`: CUDA calls in its writer and a spawned results queue.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import types
 
 import torch
@@ -175,3 +181,49 @@ def model_parallel_manual_seed(seed: int) -> None:
 
     torch.manual_seed(seed)
     mcore_random.model_parallel_cuda_manual_seed(seed)
+
+
+# --- scoped workarounds (context managers; no-ops where CUDA is available) ------------------------------------------
+@contextlib.contextmanager
+def tensor_cuda_is_noop():
+    """With tied embeddings and PP > 1, megatron's `setup_embeddings_and_output_layer` moves the shared weight with
+    `weight.data.cuda()` before all-reducing it over the embedding group; without CUDA keep it on the CPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+@contextlib.contextmanager
+def dist_checkpoint_save():
+    """Two CPU-only obstacles in megatron's torch_dist writer, lifted for the duration of a save:
+    - it forks writer processes, and the ranks `testing.run_distributed` spawns are daemonic (so they die with the
+      launcher); Python forbids daemonic processes to have children. megatron joins its writers before returning.
+    - `preload_tensors` calls `torch.cuda.synchronize()` and the finalisation puts a flag on
+      `torch.cuda.current_device()`: without CUDA, synchronise nothing and use the CPU.
+    - its write-results queue is a `multiprocessing.Manager` queue from a *spawned* server (a fresh interpreter that
+      re-imports torch, ~20 s); a synchronous save writes and reads it in this process, so a plain queue does."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    proc = multiprocessing.current_process()
+    was = proc._config.get("daemon", False)
+    sync, current = torch.cuda.synchronize, torch.cuda.current_device
+    proc._config["daemon"] = False
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.cuda.current_device = lambda: "cpu"
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        proc._config["daemon"] = was
+        torch.cuda.synchronize, torch.cuda.current_device = sync, current

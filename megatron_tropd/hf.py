@@ -19,10 +19,8 @@ row slice holds whole groups. `linear_fc1` is [gate; up] (SwiGLU, `partition_str
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -31,6 +29,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from megatron_tropd import cpu_compat
 from megatron_tropd.models import ModelArch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -496,36 +495,6 @@ def _vocab_keys() -> tuple[str, str]:
     return EMBEDDING, OUTPUT
 
 
-@contextlib.contextmanager
-def _cpu_save_compat():
-    """Two CPU-only obstacles in megatron's torch_dist writer, lifted for the duration of a save:
-    - it forks writer processes, and the ranks `testing.run_distributed` spawns are daemonic (so they die with the
-      launcher); Python forbids daemonic processes to have children. megatron joins its writers before returning.
-    - `preload_tensors` calls `torch.cuda.synchronize()` and the finalisation puts a flag on
-      `torch.cuda.current_device()`: without CUDA, synchronise nothing and use the CPU.
-    - its write-results queue is a `multiprocessing.Manager` queue from a *spawned* server (a fresh interpreter that
-      re-imports torch, ~20 s); a synchronous save writes and reads it in this process, so a plain queue does."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    proc = multiprocessing.current_process()
-    was = proc._config.get("daemon", False)
-    sync, current = torch.cuda.synchronize, torch.cuda.current_device
-    proc._config["daemon"] = False
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        torch.cuda.synchronize = lambda *a, **k: None
-        torch.cuda.current_device = lambda: "cpu"
-        if filesystem_async._results_queue is None:
-            filesystem_async._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        proc._config["daemon"] = was
-        torch.cuda.synchronize, torch.cuda.current_device = sync, current
-
-
 def save_megatron_checkpoint(model, ckpt_dir: str | Path, groups, arch: ModelArch | None = None,
                              hf_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """Save `model` as a megatron-core distributed checkpoint (`dist_checkpointing.save` of
@@ -542,7 +511,7 @@ def save_megatron_checkpoint(model, ckpt_dir: str | Path, groups, arch: ModelArc
         _fresh_tmp(ckpt_dir)
     dist.barrier()
     try:
-        with _cpu_save_compat():
+        with cpu_compat.dist_checkpoint_save():
             dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         if groups.rank == 0:
             meta = {"tensor_model_parallel_size": groups.tp_size, "pipeline_model_parallel_size": groups.pp_size,

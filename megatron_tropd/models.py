@@ -7,12 +7,12 @@ Transformer Engine layer spec when TE is importable and megatron-core's local (p
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from megatron_tropd import cpu_compat
 from megatron_tropd.parallel import ParallelGroups
 
 
@@ -138,7 +138,7 @@ def build_gpt_model(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions 
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if rope_type not in (None, "default", "llama3"):
         raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, llama3)")
-    with _tensor_cuda_is_noop_on_cpu():
+    with cpu_compat.tensor_cuda_is_noop():
         model = _gpt_model(GPTModel, arch, groups, config, use_te, rope_type, rope_scaling)
     # megatron's llama3 scaling hard-codes low/high_freq_factor=1/4 and original_max_position_embeddings=8192 and
     # truncates a float theta to int: set inv_freq exactly as HF computes it (before any forward fills its cache).
@@ -165,21 +165,6 @@ def _gpt_model(GPTModel, arch, groups, config, use_te, rope_type, rope_scaling):
         rope_scaling_factor=float(rope_scaling.get("factor", 8.0)),
         pg_collection=groups.pg_collection(),
     )
-
-
-@contextlib.contextmanager
-def _tensor_cuda_is_noop_on_cpu():
-    """With tied embeddings and PP > 1, megatron's `setup_embeddings_and_output_layer` moves the shared weight with
-    `weight.data.cuda()` before all-reducing it over the embedding group; without CUDA keep it on the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
 
 
 def rope_inv_freq(arch: ModelArch, device: torch.device | str = "cpu") -> torch.Tensor:
