@@ -57,6 +57,32 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
+def start_samples(req: GenerationRequest, params: SamplingParams, weight_version: int
+                  ) -> tuple[int, list[tuple[int, Sample, bool]]]:
+    """Validate a request and open its samples: (cap, [(sample index, sample, still to generate), ...]).
+
+    `cap` is the response budget (prefix included). Each sample starts as the prefix; a prefix that ends at a stop id
+    already finished the response, and one that fills the budget leaves nothing to generate. Shared by the engines.
+    """
+    if not req.prompt_ids:
+        raise ValueError(f"request {req.request_id}: empty prompt_ids")
+    cap = params.max_new_tokens if req.max_new_tokens is None else min(req.max_new_tokens, params.max_new_tokens)
+    prefix = list(req.prefix_ids)
+    if len(prefix) > cap:
+        raise ValueError(f"request {req.request_id}: prefix of {len(prefix)} tokens exceeds max_new_tokens={cap}"
+                         " (the prefix counts towards max_new_tokens)")
+    stop = set(params.stop_token_ids)
+    opened = []
+    for k in range(req.first_sample_index, req.first_sample_index + req.n):
+        s = Sample(prompt_ids=list(req.prompt_ids), response_ids=list(prefix), logprobs=[], finish_reason="length",
+                   weight_version=weight_version, prefix_len=len(prefix), request_id=req.request_id,
+                   meta={"sample_index": k})
+        if prefix and prefix[-1] in stop:  # the prefix already ended the response
+            s.finish_reason = "stop"
+        opened.append((k, s, s.finish_reason != "stop" and len(prefix) < cap))
+    return cap, opened
+
+
 class RolloutEngine(Protocol):
     @property
     def weight_version(self) -> int: ...

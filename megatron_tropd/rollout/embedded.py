@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams
+from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, start_samples
 
 logger = logging.getLogger(__name__)
 
@@ -112,25 +112,15 @@ class EmbeddedEngine:
         samples: list[Sample | None] = []
         rows: list[_Row] = []
         for req in requests:
-            cap = params.max_new_tokens if req.max_new_tokens is None else min(req.max_new_tokens, params.max_new_tokens)
+            cap, opened = start_samples(req, params, self._version)
             prefix = list(req.prefix_ids)
-            if len(prefix) > cap:
-                raise ValueError(f"request {req.request_id}: prefix of {len(prefix)} tokens exceeds max_new_tokens={cap}"
-                                 " (the prefix counts towards max_new_tokens)")
-            if not req.prompt_ids:
-                raise ValueError(f"request {req.request_id}: empty prompt_ids")
             context = list(req.prompt_ids) + prefix
             if max_pos is not None and len(context) + cap - len(prefix) > max_pos:
                 raise ValueError(f"request {req.request_id}: prompt+response up to {len(context) + cap - len(prefix)} "
                                  f"tokens exceeds the model's max_position_embeddings={max_pos}")
-            for k in range(req.first_sample_index, req.first_sample_index + req.n):
-                s = Sample(prompt_ids=list(req.prompt_ids), response_ids=list(prefix), logprobs=[],
-                           finish_reason="length", weight_version=self._version, prefix_len=len(prefix),
-                           request_id=req.request_id, meta={"sample_index": k})
+            for k, s, to_generate in opened:
                 samples.append(s)
-                if prefix and prefix[-1] in stop:  # the prefix already ended the response
-                    s.finish_reason = "stop"
-                elif len(prefix) < cap:
+                if to_generate:
                     rows.append(_Row(len(samples) - 1, context, cap - len(prefix),
                                      sample_seed(params.seed, req.request_id, k)))
         # Similar lengths together (less padding); per-row generators keep results independent of the grouping.

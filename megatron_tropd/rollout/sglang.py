@@ -34,7 +34,7 @@ from typing import Iterable
 import requests
 import torch
 
-from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams
+from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, start_samples
 from megatron_tropd.rollout.embedded import sample_seed
 from megatron_tropd.rollout.sglang_config import SGLangConfig, validate
 from megatron_tropd.rollout import sglang_server as srv
@@ -123,25 +123,13 @@ class SGLangEngine:
         out: list[list[Sample]] = []
         jobs: list[tuple[Sample, dict, str]] = []
         for req in requests_:
-            if not req.prompt_ids:
-                raise ValueError(f"request {req.request_id}: empty prompt_ids")
-            cap = params.max_new_tokens if req.max_new_tokens is None else min(req.max_new_tokens,
-                                                                               params.max_new_tokens)
+            cap, opened = start_samples(req, params, self._version)
             prefix = list(req.prefix_ids)
-            if len(prefix) > cap:
-                raise ValueError(f"request {req.request_id}: prefix of {len(prefix)} tokens exceeds "
-                                 f"max_new_tokens={cap} (the prefix counts towards max_new_tokens)")
-            group = []
-            for k in range(req.first_sample_index, req.first_sample_index + req.n):
-                s = Sample(prompt_ids=list(req.prompt_ids), response_ids=list(prefix), logprobs=[],
-                           finish_reason="length", weight_version=self._version, prefix_len=len(prefix),
-                           request_id=req.request_id, meta={"sample_index": k})
-                group.append(s)
-                if prefix and prefix[-1] in stop:  # the prefix already ended the response
-                    s.finish_reason = "stop"
-                elif len(prefix) < cap:
+            for k, s, to_generate in opened:
+                if to_generate:
                     jobs.append((s, self._payload(req, prefix, cap - len(prefix), k, params),
                                  f"request_id={req.request_id} sample={k}"))
+            group = [s for _, s, _ in opened]
             out.append(group)
         if jobs:
             self._run_jobs(jobs, stop)
