@@ -11,6 +11,8 @@ setup(
     description="Trust Region On-Policy Distillation (TrOPD) and OPD baselines on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_tropd", "megatron_tropd.*"]),
+    # the import-only sgl_kernel stand-in that SGLang servers get on PYTHONPATH on machines without its kernels
+    package_data={"megatron_tropd.rollout": ["cpu_stubs/sgl_kernel/*.py"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.18",

@@ -8,12 +8,12 @@ import sys
 
 # name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
 SUBCOMMANDS = {
-    "train": ("megatron_tropd.train", "run on-policy distillation from a YAML config (+ key=value overrides)"),
+    "train": ("megatron_tropd.training.cli", "run on-policy distillation from a YAML config (+ key=value overrides)"),
     "eval": ("megatron_tropd.evaluation.cli", "benchmark accuracy (avg@k / pass@k) through a rollout engine"),
-    "plot": ("megatron_tropd.plot", "write PNG curves of a run's metrics"),
-    "plan": ("megatron_tropd.plan", "per-GPU memory estimate and smallest layouts that fit"),
-    "launch": ("megatron_tropd.launch", "resolve a config against SLURM/local and print (or run) the commands"),
-    "smoke": ("megatron_tropd.smoke", "a tiny TP/PP forward-backward on CPU to check an installation"),
+    "plot": ("megatron_tropd.training.plot", "write PNG curves of a run's metrics"),
+    "plan": ("megatron_tropd.cluster.plan", "per-GPU memory estimate and smallest layouts that fit"),
+    "launch": ("megatron_tropd.cluster.launch", "resolve a config against SLURM/local and print (or run) the commands"),
+    "smoke": ("megatron_tropd.distributed.smoke", "a tiny TP/PP forward-backward on CPU to check an installation"),
 }
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_tropd import cli, launch
-from megatron_tropd.cluster_config import load_run_config
+from megatron_tropd import cli
+
+from megatron_tropd.cluster import launch
+from megatron_tropd.config import load_run_config
 from megatron_tropd.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,16 +209,16 @@ _HEALTH_SERVER = """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+        self.send_response(200 if self.path in ("/health", "/health_generate") else 404); self.end_headers()
     def log_message(self, *a): pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
 def test_launch_this_node_starts_servers_then_trainer(tmp_path, monkeypatch):
-    """Without --dry-run: this node's server starts, the trainer waits for its /health, the trainer's exit code
+    """Without --dry-run: this node's server starts, the trainer waits for its /health_generate (the one health poller, rollout/sglang_server.wait_healthy), the trainer's exit code
     is returned and the server is stopped. Real argv replaced by stand-ins (no SGLang / GPUs here)."""
-    from megatron_tropd.parallel import find_free_port
+    from megatron_tropd.distributed.parallel import find_free_port
 
     for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):
         monkeypatch.delenv(k, raising=False)

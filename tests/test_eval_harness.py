@@ -17,7 +17,10 @@ class CharTokenizer:
     eos_token_id = 0
 
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) for c in text]}
+        return {"input_ids": self.encode(text)}
+
+    def encode(self, text, add_special_tokens=True):  # no special tokens to add
+        return [ord(c) for c in text]
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from megatron_tropd.testing import DistributedTestError, run_distributed
+from megatron_tropd.distributed.spawn import DistributedTestError, run_distributed
 
 
 def test_import_without_gpu_extras():
-    code = ("import sys, megatron_tropd, megatron_tropd.parallel, megatron_tropd.models; "
+    code = ("import sys, megatron_tropd, megatron_tropd.distributed.parallel, megatron_tropd.models; "
             "bad = [m for m in ('transformer_engine', 'apex', 'sgl_kernel') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -89,7 +89,7 @@ def test_initialize_rejects_bad_layout():
 
 
 def _reinit(groups, tp=1):
-    from megatron_tropd import parallel
+    from megatron_tropd.distributed import parallel
 
     from megatron.core import parallel_state
 
@@ -98,7 +98,7 @@ def _reinit(groups, tp=1):
 
 
 def test_single_process_initialize_without_launcher_env():
-    code = ("from megatron_tropd import parallel; g = parallel.initialize(); "
+    code = ("from megatron_tropd.distributed import parallel; g = parallel.initialize(); "
             "assert (g.tp_size, g.pp_size, g.dp_size, g.world_size) == (1, 1, 1, 1); parallel.destroy()")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

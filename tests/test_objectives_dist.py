@@ -3,7 +3,7 @@ import torch
 
 from megatron_tropd.objectives import (ObjectiveConfig, TokenInputs, build_objective, entropy_threshold,
                                        global_counts, reduce_metrics, token_weights)
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.distributed.spawn import run_distributed
 
 from test_objectives import make_batch, ref_grads, with_threshold
 

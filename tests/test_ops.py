@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_tropd import ops
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.distributed.spawn import run_distributed
 
 V_PADDED = 48  # divisible by 1, 2, 4
 VOCABS = (43, 35)  # 35: at TP=4 rank 3 holds only padding

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_tropd.models import ModelArch, build_gpt_model
-from megatron_tropd.sharding import gather_full_state_dict, load_full_state_dict
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.models.arch import ModelArch
+
+from megatron_tropd.models.gpt import build_gpt_model
+from megatron_tropd.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tropd.distributed.spawn import run_distributed
 
 ARCH = ModelArch(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                  vocab_size=250, make_vocab_size_divisible_by=8, add_qkv_bias=True, qk_layernorm=True)

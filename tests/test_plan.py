@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from megatron_tropd import cli
-from megatron_tropd.models import ModelArch
-from megatron_tropd.plan import (PRESETS, Layout, Workload, memory_plan, parse_bytes, stage_params,
+from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.cluster.plan import (PRESETS, Layout, Workload, memory_plan, parse_bytes, stage_params,
                                  suggest_layouts, total_params)
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.distributed.spawn import run_distributed
 
 GIB = 1024**3
 
@@ -68,7 +68,7 @@ def test_pipeline_stage_and_suggestions():
     a = PRESETS["qwen3-32b"]
     # PP 2: 32 layers per stage; untied output layer (+ final norm) on the last stage == embedding size + h
     assert stage_params(a, 1, 2) == 32 * (total_params(a) - 2 * 151936 * 5120 - 5120) // 64 + 151936 * 5120 + 5120
-    with pytest.raises(ValueError, match="must divide num_layers"):
+    with pytest.raises(ValueError, match="does not divide num_hidden_layers"):
         stage_params(a, 1, 3)
     work = Workload(seq_len=9120, micro_batch=1, recompute=True)
     fits = suggest_layouts(PRESETS["qwen3-1.7b"], a, work, parse_bytes("80GiB"), num_gpus=16)
@@ -100,7 +100,7 @@ def _peak_step(groups, arch: ModelArch, seq: int, mb: int) -> dict:
     the bytes allocated during the step (torch.profiler memory events, summed in time order)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_tropd.models import build_gpt_model
+    from megatron_tropd.models.gpt import build_gpt_model
     from megatron_tropd.ops import token_logprobs
 
     torch.manual_seed(0)
@@ -141,6 +141,7 @@ def test_estimate_matches_measured_peak_on_cpu():
 
 
 def test_chunk_size_matches_ops():
-    from megatron_tropd import ops, plan
+    from megatron_tropd import ops
+    from megatron_tropd.cluster import plan
 
     assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS  # plan copies it to avoid importing torch.distributed

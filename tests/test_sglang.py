@@ -74,15 +74,16 @@ PARAMS = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=(EOS,
 # ------------------------------------------------------------------------------------ megatron side (child process)
 def _megatron_side(groups, url: str, model_dir: str, weights_dir: str, temperature: float) -> dict:
     """Sample from SGLang, score with the megatron student; one optimizer step; sync; sample + score again."""
-    from megatron_tropd.batch import build_batch
+    from megatron_tropd.training.batch import build_batch
     from megatron_tropd.config import OptimConfig
-    from megatron_tropd.hf import arch_from_hf_config, iter_hf_tensors
+    from megatron_tropd.models.hf_mapping import arch_from_hf_config
+    from megatron_tropd.conversion.hf_io import iter_hf_tensors
     from megatron_tropd.objectives import Requirements
     from megatron_tropd.ops import token_logprobs
-    from megatron_tropd.pipeline import run_schedule
-    from megatron_tropd.roles import build_student, hf_loader
+    from megatron_tropd.training.schedule import run_schedule
+    from megatron_tropd.training.roles import build_student, hf_loader
     from megatron_tropd.rollout.factory import sync_weights
-    from megatron_tropd.scoring import score_student_old
+    from megatron_tropd.training.scoring import ScoreOptions, score_student_old
 
     arch = arch_from_hf_config(model_dir)
     student = build_student(arch, groups, hf_loader(model_dir, arch, groups), OptimConfig(lr=3e-2), 1)
@@ -91,10 +92,10 @@ def _megatron_side(groups, url: str, model_dir: str, weights_dir: str, temperatu
 
     def compare(samples):
         batch = build_batch(samples, 0, pad_to_multiple=8)
-        (out,) = score_student_old(student.model, [batch], groups, Requirements(), temperature=temperature,
-                                   vocab_size=arch.vocab_size)
+        (out,) = score_student_old(student.model, [batch], groups, Requirements(),
+                                   ScoreOptions(temperature, arch.vocab_size))
         m = batch.response_mask & ~batch.prefix_mask
-        return float((out["lp_old"][m] - batch.lp_roll[m]).abs().max()), int(m.sum()), batch
+        return float((out.lp_old[m] - batch.lp_roll[m]).abs().max()), int(m.sum()), batch
 
     samples = [s for g in engine.generate(REQS, params) for s in g]
     before, n_tok, batch = compare(samples)
@@ -103,9 +104,9 @@ def _megatron_side(groups, url: str, model_dir: str, weights_dir: str, temperatu
     params2 = SamplingParams(temperature=t2, top_p=p2, max_new_tokens=12, stop_token_ids=(EOS,), seed=4)
     s2 = [s for g in engine.generate(REQS, params2) for s in g]
     b2 = build_batch(s2, 0, pad_to_multiple=8)
-    (o2,) = score_student_old(student.model, [b2], groups, Requirements(), temperature=t2, vocab_size=arch.vocab_size)
+    (o2,) = score_student_old(student.model, [b2], groups, Requirements(), ScoreOptions(t2, arch.vocab_size))
     m2 = b2.response_mask & ~b2.prefix_mask
-    tempered = float((o2["lp_old"][m2] - b2.lp_roll[m2]).abs().max())
+    tempered = float((o2.lp_old[m2] - b2.lp_roll[m2]).abs().max())
     versions_before = sorted({s.weight_version for s in samples})
 
     # One real optimizer step (maximise the log-likelihood of the samples) so the weights move.
@@ -220,7 +221,7 @@ def test_generate_shapes_seeds_and_versions(server):
 
 @needs_server
 def test_logprobs_match_megatron_before_and_after_sync(server, model_dir, tmp_path):
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.distributed.spawn import run_distributed
 
     (r,) = run_distributed(_megatron_side, 1, args=(server.url, str(model_dir), str(tmp_path / "w"), 1.0))
     print(f"[sglang] |lp_sglang - lp_megatron| max: before {r['before']:.2e} after sync {r['after']:.2e} "

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tropd.batch import build_batch
+from megatron_tropd.training.batch import build_batch
 from megatron_tropd.config import OptimConfig
-from megatron_tropd.models import ModelArch, build_gpt_model
+from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.models.gpt import build_gpt_model
 from megatron_tropd.objectives import ObjectiveConfig, build_objective
 from megatron_tropd.rollout.base import Sample
-from megatron_tropd.sharding import gather_full_state_dict, load_full_state_dict
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.models.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_tropd.distributed.spawn import run_distributed
 
 VOCAB = 200
 STUDENT = ModelArch(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
@@ -52,23 +53,25 @@ def _samples(n=8, seed=0):
 
 
 def _run_step(groups, weights, objective_cfg, steps=1, micro_batch_size=2, lr=1e-3, epochs=1, minibatches=1):
-    from megatron_tropd.roles import build_student, build_teacher
-    from megatron_tropd.step import StepOptions, distill_step
+    from megatron_tropd.training.roles import build_student, build_teacher
+    from megatron_tropd.training.scoring import MegatronTeacherScorer
+    from megatron_tropd.training.step import StepOptions, distill_step
 
     student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
                             OptimConfig(lr=lr, clip_grad=1.0), total_updates=steps * epochs * minibatches)
-    teacher = build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups))
     batch = build_batch(_samples(), pad_id=0)
     mine = batch.dp_shard(groups.dp_size, groups.dp_rank, minibatches)
     objective = build_objective(objective_cfg)
     opts = StepOptions(temperature=0.9, vocab_size=VOCAB, micro_batch_size=micro_batch_size,
                        updates_per_batch=epochs, minibatches_per_update=minibatches)
+    teacher = MegatronTeacherScorer(
+        build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups)), groups, opts.score)
     history = [distill_step(student, teacher, mine, objective, groups, step, opts) for step in range(steps)]
     return {
         "metrics": history,
         "student": gather_full_state_dict(student.gpt, groups),
-        "teacher": gather_full_state_dict(teacher.model, groups),
-        "teacher_requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
+        "teacher": gather_full_state_dict(teacher.teacher.model, groups),
+        "teacher_requires_grad": any(p.requires_grad for p in teacher.teacher.model.parameters()),
     }
 
 
@@ -157,7 +160,7 @@ def test_ppo_epochs_and_minibatches_are_layout_invariant(weights):
 
 
 def test_vocabulary_compatibility_check(tmp_path):
-    from megatron_tropd.roles import check_vocab_compatible
+    from megatron_tropd.training.roles import check_vocab_compatible
 
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_hf import char_tokenizer

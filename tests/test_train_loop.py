@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_tropd.testing import run_distributed
+from megatron_tropd.distributed.spawn import run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_hf import char_tokenizer, tiny_llama  # noqa: E402
@@ -42,9 +42,9 @@ def _overrides(models: Path, run_dir: Path, **extra) -> list[str]:
 
 
 def _train(groups, overrides):
-    from megatron_tropd import parallel
+    from megatron_tropd.distributed import parallel
     from megatron_tropd.config import load_config
-    from megatron_tropd.train import train
+    from megatron_tropd.training.loop import train
 
     parallel.destroy()  # train() owns initialisation, as under torchrun
     return train(load_config(ROOT / "examples/configs/smollm2_tropd_cpu.yaml", overrides))
@@ -114,10 +114,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, tmp_path):
 
 
 def _crash_mid_save(groups, run_dir):
-    from megatron_tropd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_tropd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_tropd.config import OptimConfig
-    from megatron_tropd.models import ModelArch
-    from megatron_tropd.roles import build_student
+    from megatron_tropd.models.arch import ModelArch
+    from megatron_tropd.training.roles import build_student
 
     arch = ModelArch(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                      vocab_size=100, make_vocab_size_divisible_by=8)

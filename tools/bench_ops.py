@@ -31,7 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_tropd import ops  # noqa: E402
-from megatron_tropd.testing import run_distributed  # noqa: E402
+from megatron_tropd.distributed.spawn import run_distributed  # noqa: E402
 
 OPS = ("token_logprobs", "entropy", "topk_logprobs", "logprobs_at", "kl_forward", "kl_reverse", "kl_jsd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

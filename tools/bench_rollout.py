@@ -71,7 +71,7 @@ def main() -> None:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
         bench(LlamaForCausalLM(cfg).eval(), batch=16, new=64, prompt_len=32, label="tiny-llama")
     else:
-        from megatron_tropd.pretrained import make_layer_subset_student, materialize_smollm2
+        from megatron_tropd.models.builtin import make_layer_subset_student, materialize_smollm2
         from transformers import AutoModelForCausalLM
 
         work = sys.argv[2] if len(sys.argv) > 2 else "/tmp/tropd_bench"

@@ -24,19 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def measure(groups, vocab: int, batch: int, seq: int, objective: str):
     import torch
 
-    from megatron_tropd.batch import build_batch
+    from megatron_tropd.training.batch import build_batch
     from megatron_tropd.config import OptimConfig
-    from megatron_tropd.memory import profile_allocations
-    from megatron_tropd.models import ModelArch
+    from megatron_tropd.training.memory_profile import profile_allocations
+    from megatron_tropd.models.arch import ModelArch
     from megatron_tropd.objectives import ObjectiveConfig, build_objective
-    from megatron_tropd.roles import build_student, build_teacher
+    from megatron_tropd.training.roles import build_student, build_teacher
     from megatron_tropd.rollout.base import Sample
-    from megatron_tropd.step import StepOptions, distill_step
+    from megatron_tropd.training.scoring import MegatronTeacherScorer
+    from megatron_tropd.training.step import StepOptions, distill_step
 
     arch = ModelArch(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                      vocab_size=vocab, make_vocab_size_divisible_by=128)
     student = build_student(arch, groups, None, OptimConfig(lr=1e-4), total_updates=2)
-    teacher = build_teacher(arch, groups, None)
     g = torch.Generator().manual_seed(0)
     prompt = 8
     samples = [Sample(prompt_ids=torch.randint(0, vocab, (prompt,), generator=g).tolist(),
@@ -46,6 +46,7 @@ def measure(groups, vocab: int, batch: int, seq: int, objective: str):
     data = build_batch(samples, pad_id=0).split(groups.dp_size)[groups.dp_rank]
     objective = build_objective(ObjectiveConfig(name=objective))
     opts = StepOptions(temperature=1.0, vocab_size=vocab, micro_batch_size=batch // groups.dp_size)
+    teacher = MegatronTeacherScorer(build_teacher(arch, groups, None), groups, opts.score)
     distill_step(student, teacher, data, objective, groups, 0, opts)  # warm-up: optimizer state, buffers
     _, stats = profile_allocations(lambda: distill_step(student, teacher, data, objective, groups, 1, opts))
     tokens = data.inputs.numel()
@@ -59,7 +60,7 @@ def measure(groups, vocab: int, batch: int, seq: int, objective: str):
 
 
 def main() -> int:
-    from megatron_tropd.testing import run_distributed
+    from megatron_tropd.distributed.spawn import run_distributed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=2)

@@ -3,7 +3,7 @@
 checkpoint, with its ModelArch (tropd_arch.json) and the HF config + tokenizer (hf/) stored alongside.
 
 CPU / single node: spawns TP*PP local gloo ranks.  GPU cluster: torchrun --nproc-per-node=TP*PP this script.
-The checkpoint loads at any TP/PP (megatron_tropd.hf.load_megatron_checkpoint).
+The checkpoint loads at any TP/PP (megatron_tropd.conversion.megatron_io.load_megatron_checkpoint).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
 
-    from megatron_tropd import convert
+    from megatron_tropd.conversion import cli as convert
 
     try:
         arch = convert.validate_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.overwrite)

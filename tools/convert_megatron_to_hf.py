@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Convert a megatron-core distributed checkpoint written by convert_hf_to_megatron.py (or
-megatron_tropd.hf.save_megatron_checkpoint(arch=..., hf_dir=...)) back to an HF safetensors checkpoint with
+megatron_tropd.conversion.megatron_io.save_megatron_checkpoint(arch=..., hf_dir=...)) back to an HF safetensors checkpoint with
 config.json and the tokenizer. Streams one tensor at a time; the output appears only when complete.
 
 --tp/--pp choose the layout used to load (any that divides the model; default 1/1).
@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
 
-    from megatron_tropd import convert
+    from megatron_tropd.conversion import cli as convert
 
     try:
         arch, meta, cfg, tp, pp = convert.validate_megatron_to_hf(args.megatron_dir, args.out, args.tp, args.pp,

@@ -17,11 +17,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_tropd.evaluation.scorers import SCORERS, get_scorer
+from megatron_tropd.data.chat import build_prompt
+from megatron_tropd.evaluation.problem import Problem
+from megatron_tropd.evaluation.scorers import SCORERS, canonical_scorer, get_scorer
 
 INSTRUCTIONS = {
     "math": "Please reason step by step, and put your final answer within \\boxed{}.",
@@ -32,20 +34,6 @@ INSTRUCTIONS = {
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function in one ```python code block.\n\n"
 )
-
-
-@dataclass
-class Problem:
-    id: str
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    answer: Any = None
-    choices: list[str] | None = None
-    tests: Any = None
-    entry_point: str | None = None
-    code_prompt: str | None = None
-    metadata: dict = field(default_factory=dict)
-    scorer: str | None = None
 
 
 @dataclass
@@ -225,19 +213,12 @@ def problem_messages(problem: Problem, instruction: str | None) -> list[dict]:
 
 
 def format_prompt_ids(problem: Problem, tokenizer: Any, instruction: str | None) -> list[int]:
-    """Token ids of the prompt through the tokenizer's chat template (plain text if it has none)."""
-    messages = problem_messages(problem, instruction)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of a problem's prompt (`data.chat.build_prompt`: the chat template, plain text if it has none)."""
+    return build_prompt(tokenizer, problem_messages(problem, instruction))[1]
 
 
 def default_instruction(scorer: str) -> str:
-    from megatron_tropd.evaluation.scorers import _ALIASES
-
-    return INSTRUCTIONS.get(_ALIASES.get(scorer, scorer), "")
+    return INSTRUCTIONS.get(canonical_scorer(scorer), "")
 
 
 __all__ = ["Benchmark", "Problem", "load_benchmark", "format_prompt_ids", "SCORERS"]

@@ -19,11 +19,11 @@ from typing import Any, Callable, Sequence
 from megatron_tropd.evaluation.benchmarks import Benchmark, default_instruction, format_prompt_ids
 from megatron_tropd.evaluation.passk import aggregate, pass_at_k
 from megatron_tropd.evaluation.sandbox import SandboxLimits, sandbox_description
-from megatron_tropd.evaluation.scorers import _ALIASES, check_problem, get_scorer
+from megatron_tropd.evaluation.scorers import SCORER_ALIASES, check_problem, get_scorer
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 
 
-_SCORER_KIND = {**{k: v for k, v in _ALIASES.items()}, "code": "code"}
+_SCORER_KIND = {**SCORER_ALIASES, "code": "code"}
 
 
 @dataclass

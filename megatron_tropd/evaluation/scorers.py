@@ -12,12 +12,11 @@ import signal
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from megatron_tropd.evaluation.answers import extract_boxed, extract_math_answer
+from megatron_tropd.evaluation.problem import Problem
 from megatron_tropd.evaluation.sandbox import SandboxLimits, run_python
-
-if TYPE_CHECKING:
-    from megatron_tropd.evaluation.benchmarks import Problem
 
 
 @dataclass
@@ -26,60 +25,6 @@ class Score:
     extracted: str | None  # what the scorer read from the response (None: nothing found)
     detail: str = ""  # why (sandbox status, "no answer found", ...)
     reward: float = 0.0  # 1.0/0.0, or a reasoning-gym partial score
-
-
-# ----------------------------------------------------------------------------------------------- math extraction
-
-def _braced(text: str, i: int) -> tuple[str, int] | None:
-    """Content of the brace group opening at text[i] == '{' (nested braces allowed) and the index after it."""
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{" and (j == 0 or text[j - 1] != "\\"):
-            depth += 1
-        elif text[j] == "}" and text[j - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j], j + 1
-    return None  # unbalanced: the response was cut off inside the box
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} (nested braces), or `\\boxed 5`; None if absent."""
-    best = None
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*", text):
-        j = m.end()
-        if j < len(text) and text[j] == "{":
-            got = _braced(text, j)
-            if got is not None:
-                best = got[0]
-        else:
-            tok = re.match(r"[^\s$]+", text[j:])
-            if tok:
-                best = tok.group(0)
-    return best.strip() if best is not None else None
-
-
-_FINAL = re.compile(
-    r"(?:final answer|the answer)\s*(?:is|:|=)?\s*[:=]?\s*(.+)|^\s*answer\s*[:=]\s*(.+)|####\s*(.+)",
-    re.IGNORECASE | re.MULTILINE,
-)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-
-
-def extract_math_answer(text: str) -> str | None:
-    """\\boxed{} first, then the last "final answer is X" / "Answer: X" / "#### X", then the last number."""
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    matches = list(_FINAL.finditer(text))
-    if matches:
-        ans = next(g for g in matches[-1].groups() if g is not None).strip()
-        ans = re.sub(r"^\$+|\$+$", "", ans.strip().rstrip(".").strip()).strip()
-        return ans.rstrip(".").strip() or None
-    nums = _NUMBER.findall(text)
-    return nums[-1] if nums else None
 
 
 # -------------------------------------------------------------------------------------------- math normalisation
@@ -219,7 +164,7 @@ def math_equal(pred: str | None, gold: str, timeout_s: int = 5) -> bool:
     return verdict
 
 
-def score_math(response: str, problem: "Problem") -> Score:
+def score_math(response: str, problem: Problem) -> Score:
     if problem.answer is None:
         raise ValueError(f"problem {problem.id!r} has no 'answer' field; the math scorer needs one")
     pred = extract_math_answer(response)
@@ -247,7 +192,7 @@ def extract_choice(text: str, n_choices: int = 10) -> str | None:
     return None
 
 
-def gold_letter(problem: "Problem") -> str:
+def gold_letter(problem: Problem) -> str:
     """The reference as a letter: "B", "(b)", an index 1, or the text of one of `choices`."""
     ans = problem.answer
     if isinstance(ans, int) and not isinstance(ans, bool):
@@ -265,7 +210,7 @@ def gold_letter(problem: "Problem") -> str:
     )
 
 
-def score_choice(response: str, problem: "Problem") -> Score:
+def score_choice(response: str, problem: Problem) -> Score:
     gold = gold_letter(problem)
     pred = extract_choice(response, n_choices=max(4, len(problem.choices or [])))
     ok = pred == gold
@@ -283,7 +228,7 @@ def extract_code(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
-def build_program(response: str, problem: "Problem") -> str:
+def build_program(response: str, problem: Problem) -> str:
     """HumanEval style: prompt + completion (or the fenced solution) + tests + check(entry_point)."""
     code = extract_code(response)
     prefix = problem.code_prompt or ""
@@ -306,7 +251,7 @@ class CodeScorer:
     def __init__(self, limits: SandboxLimits | None = None):
         self.limits = limits or SandboxLimits()
 
-    def __call__(self, response: str, problem: "Problem") -> Score:
+    def __call__(self, response: str, problem: Problem) -> Score:
         if problem.tests is None:
             raise ValueError(f"problem {problem.id!r} has no 'tests'; the code scorer needs them")
         if isinstance(problem.tests, list):
@@ -325,7 +270,7 @@ class CodeScorer:
 
 # ------------------------------------------------------------------------------------------------ reasoning-gym
 
-def score_reasoning_gym(response: str, problem: "Problem") -> Score:
+def score_reasoning_gym(response: str, problem: Problem) -> Score:
     """reasoning-gym's own `score_answer` for the row's dataset (metadata.source_dataset); correct iff 1.0.
 
     The answer is read from <answer>...</answer> (reasoning-gym's convention), else \\boxed{} / "final answer",
@@ -338,12 +283,9 @@ def score_reasoning_gym(response: str, problem: "Problem") -> Score:
     name = meta.get("source_dataset")
     if not name:
         raise ValueError(f"problem {problem.id!r}: reasoning_gym scorer needs metadata.source_dataset")
-    ans = extract_answer(response)
+    ans = extract_answer(response)  # reasoning-gym's own <answer> tag first
     if ans is None:
-        ans = extract_boxed(response)
-    if ans is None:
-        m = list(_FINAL.finditer(response))
-        ans = next(g for g in m[-1].groups() if g is not None).strip() if m else response.strip()
+        ans = extract_math_answer(response) or response.strip()
     entry = {"question": problem.prompt, "answer": problem.answer, "metadata": meta}
     try:
         reward = float(reasoning_gym.get_score_answer_fn(name)(ans, entry))
@@ -354,9 +296,9 @@ def score_reasoning_gym(response: str, problem: "Problem") -> Score:
 
 # ----------------------------------------------------------------------------------------------------- registry
 
-def check_problem(problem: "Problem", scorer: str) -> None:
+def check_problem(problem: Problem, scorer: str) -> None:
     """Raise ValueError before any generation if the problem lacks what its scorer reads."""
-    key = _ALIASES.get(scorer, scorer)
+    key = canonical_scorer(scorer)
     if key in ("math", "reasoning_gym") and problem.answer is None:
         raise ValueError(f"problem {problem.id!r}: the {key} scorer needs an 'answer'")
     if key == "reasoning_gym" and not (problem.metadata or {}).get("source_dataset"):
@@ -368,11 +310,16 @@ def check_problem(problem: "Problem", scorer: str) -> None:
 
 
 SCORERS = ("math", "choice", "code", "reasoning_gym")
-_ALIASES = {"mc": "choice", "multiple_choice": "choice", "rg": "reasoning_gym", "humaneval": "code"}
+SCORER_ALIASES = {"mc": "choice", "multiple_choice": "choice", "rg": "reasoning_gym", "humaneval": "code"}
+
+
+def canonical_scorer(name: str) -> str:
+    """The scorer a name or alias stands for ("mc" -> "choice")."""
+    return SCORER_ALIASES.get(name, name)
 
 
 def get_scorer(name: str, sandbox_limits: SandboxLimits | None = None) -> Callable[[str, Any], Score]:
-    key = _ALIASES.get(name, name)
+    key = canonical_scorer(name)
     if key == "math":
         return score_math
     if key == "choice":
@@ -381,4 +328,4 @@ def get_scorer(name: str, sandbox_limits: SandboxLimits | None = None) -> Callab
         return CodeScorer(sandbox_limits)
     if key == "reasoning_gym":
         return score_reasoning_gym
-    raise ValueError(f"unknown scorer {name!r}; choose one of {SCORERS} (aliases: {sorted(_ALIASES)})")
+    raise ValueError(f"unknown scorer {name!r}; choose one of {SCORERS} (aliases: {sorted(SCORER_ALIASES)})")

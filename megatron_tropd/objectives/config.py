@@ -93,6 +93,11 @@ class ObjectiveConfig:
     def use_ppo_clip(self) -> bool:
         return self.ppo_clip if self.ppo_clip is not None else self.name == "eopd"
 
+    @property
+    def ppo_clip_range(self) -> tuple[float, float] | None:
+        """(eps_low, eps_high) of the PPO ratio clip when it is on, else None."""
+        return (self.clip_eps_low, self.clip_eps_high) if self.use_ppo_clip else None
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ObjectiveConfig":
         """Build from a mapping (e.g. an omegaconf node); unknown keys raise ValueError listing valid ones."""

@@ -6,7 +6,7 @@ import torch
 from .common import TermMetrics, entropy_metrics, safe, select_topk, topk_forward_kl
 from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
-from .opd import _clip, opd_term
+from .opd import opd_term
 
 
 def eopd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
@@ -17,7 +17,7 @@ def eopd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermM
     The gate is strict: H_T == tau is off.
     """
     mask = inputs.on_policy_mask
-    opd_loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, mask, _clip(cfg))
+    opd_loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, mask, cfg.ppo_clip_range)
     gate = mask & (safe(inputs.ent_t.detach(), mask) > cfg.eopd_tau)
     tk_lp, sk_lp = select_topk(inputs.tk_lp, inputs.sk_lp, cfg.eopd_topk)
     fkl = topk_forward_kl(tk_lp, sk_lp, gate, renormalize=True)

@@ -9,7 +9,6 @@ from .common import (TermMetrics, entropy_metrics, policy_gradient_term, ratio, 
                      select_topk, teacher_topk_probs)
 from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
-from .opd import _clip
 
 
 def jsd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
@@ -38,7 +37,7 @@ def jsd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMe
     lp_t = safe(inputs.lp_t.detach(), mask & ~torch.isnan(inputs.lp_t))
     log_m_x = torch.logaddexp(lp_t + lb, lp_old + l1b)
     r_jsd = -(lp_old - log_m_x)
-    pg, clipped = policy_gradient_term(ratio(inputs.lp_s, inputs.lp_old, mask), r_jsd, _clip(cfg))
+    pg, clipped = policy_gradient_term(ratio(inputs.lp_s, inputs.lp_old, mask), r_jsd, cfg.ppo_clip_range)
     pg = (1.0 - beta) * safe(pg, mask)
     loss = safe(direct, mask) + pg
     dt = inputs.lp_old.dtype

@@ -8,10 +8,6 @@ from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
 
 
-def _clip(cfg: ObjectiveConfig) -> tuple[float, float] | None:
-    return (cfg.clip_eps_low, cfg.clip_eps_high) if cfg.use_ppo_clip else None
-
-
 def opd_term(lp_s: torch.Tensor, lp_old: torch.Tensor, lp_t: torch.Tensor, mask: torch.Tensor,
              clip: tuple[float, float] | None = None) -> tuple[torch.Tensor, TermMetrics]:
     """OPD: L_t = -rho_t * r_t, r_t = lp_t - lp_old, rho_t = exp(lp_s - lp_old)  (gradient -r_t * grad lp_s).
@@ -33,7 +29,7 @@ def opd_term(lp_s: torch.Tensor, lp_old: torch.Tensor, lp_t: torch.Tensor, mask:
 def opd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
     """OPD on the on-policy tokens (see `opd_term`)."""
     mask = inputs.on_policy_mask
-    loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, mask, _clip(cfg))
+    loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, mask, cfg.ppo_clip_range)
     return loss, {**m, **entropy_metrics(inputs, mask)}
 
 
@@ -52,7 +48,7 @@ def entropy_opd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor
     mask = inputs.on_policy_mask
     ent = inputs.ent_s if cfg.entropy_source == "student" else inputs.ent_t
     sel = entropy_selection(ent, inputs.entropy_threshold, mask)
-    loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, sel, _clip(cfg))
+    loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, sel, cfg.ppo_clip_range)
     m = {k: (v, mask) if k.startswith("loss/") else (v, vm) for k, (v, vm) in m.items()}
     m["entropy_selected_frac"] = (sel.to(inputs.lp_old.dtype), mask)
     return loss, {**m, **entropy_metrics(inputs, mask)}

@@ -6,7 +6,7 @@ import torch
 from .common import TermMetrics, entropy_metrics, policy_gradient_term, ratio, reward, reward_metrics, safe
 from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
-from .opd import _clip, entropy_selection
+from .opd import entropy_selection
 
 
 def reopold(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
@@ -26,7 +26,7 @@ def reopold(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Te
     if cfg.switch_step is not None and inputs.step >= cfg.switch_step:
         keep = keep & entropy_selection(inputs.ent_s, inputs.entropy_threshold, mask)
     r_hat = torch.clamp(safe(r, keep), min=floor)  # -inf -> floor
-    loss, clipped = policy_gradient_term(ratio(inputs.lp_s, inputs.lp_old, keep), r_hat, _clip(cfg))
+    loss, clipped = policy_gradient_term(ratio(inputs.lp_s, inputs.lp_old, keep), r_hat, cfg.ppo_clip_range)
     loss = safe(loss, keep)
     dt = inputs.lp_old.dtype
     m = reward_metrics(r, mask)

@@ -7,7 +7,6 @@ from .common import (TermMetrics, entropy_metrics, policy_gradient_term, ratio, 
                      select_topk, topk_forward_kl)
 from .config import ObjectiveConfig
 from .inputs import Requirements, TokenInputs
-from .opd import _clip
 from .trust_region import trust_mask, trust_probability
 
 
@@ -30,7 +29,7 @@ def tropd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, Term
     in_region = mask & trust_mask(p_trust, cfg.seed, inputs.step, inputs.sample_ids, inputs.positions)
     in_region = in_region & torch.isfinite(r)  # P > u >= 0 already implies r > -inf; guards nan lp_ref
     outlier = mask & ~in_region
-    clip = _clip(cfg)
+    clip = cfg.ppo_clip_range
 
     rho_in = ratio(inputs.lp_s, inputs.lp_old, in_region)
     opd_loss, clipped = policy_gradient_term(rho_in, safe(r, in_region), clip)

@@ -6,6 +6,8 @@ sampling temperature, and record which weight version produced every sample.
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
@@ -94,3 +96,9 @@ class RolloutEngine(Protocol):
         """Replace the engine's weights with HF-named tensors (streamed) and set the weight version."""
 
     def close(self) -> None: ...
+
+
+def sample_seed(seed: int, request_id: int, sample_index: int) -> int:
+    """A 63-bit generator seed from (seed, request_id, sample_index), stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}:{request_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

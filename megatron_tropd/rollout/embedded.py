@@ -14,7 +14,6 @@ Greedy (argmax) when temperature == 0; its log-probs are then those of the T = 1
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,9 @@ from typing import Iterable
 
 import torch
 
-from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, start_samples
+from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, sample_seed, start_samples
 
 logger = logging.getLogger(__name__)
-
-
-def sample_seed(seed: int, request_id: int, sample_index: int) -> int:
-    """A 63-bit generator seed from (seed, request_id, sample_index), stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}:{request_id}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:

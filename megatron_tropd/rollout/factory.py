@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_tropd.parallel import ParallelGroups
+from megatron_tropd.distributed.parallel import ParallelGroups
 
 
 def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id: int, on_this_rank: bool) -> dict:
@@ -20,10 +20,10 @@ def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id:
     needs_teacher = cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0
     if cfg.rollout.engine == "sglang":
         return build_sglang_engines(cfg, student_dir, teacher_dir, needs_teacher)
-    from megatron_tropd.roles import DTYPES
+    from megatron_tropd.models.arch import torch_dtype
     from megatron_tropd.rollout.embedded import EmbeddedEngine
 
-    dtype = DTYPES[cfg.rollout.engine_dtype]
+    dtype = torch_dtype(cfg.rollout.engine_dtype)
     engines = {"student": EmbeddedEngine(str(student_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)}
     if needs_teacher:
         engines["teacher"] = EmbeddedEngine(str(teacher_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)
@@ -77,7 +77,7 @@ def sync_weights(engines: dict, student, groups: ParallelGroups, arch, version: 
     (the run stops instead of training on stale weights)."""
     import torch.distributed as dist
 
-    from megatron_tropd.hf import iter_hf_tensors
+    from megatron_tropd.conversion.hf_io import iter_hf_tensors
 
     stream = iter_hf_tensors(student.gpt, groups, arch)
     error = None

@@ -34,9 +34,9 @@ from typing import Iterable
 import requests
 import torch
 
-from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, start_samples
-from megatron_tropd.rollout.embedded import sample_seed
+from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams, sample_seed, start_samples
 from megatron_tropd.rollout.sglang_config import SGLangConfig, validate
+from megatron_tropd.atomic import atomic_directory
 from megatron_tropd.rollout import sglang_server as srv
 from megatron_tropd.rollout.sglang_server import SGLangServerError, Server, ServerPool
 
@@ -290,28 +290,19 @@ class SGLangEngine:
         self.stats["last_sync_s"] = time.time() - t0
 
     def _write_version(self, named_tensors, version: int) -> Path:
-        from megatron_tropd.hf import copy_tokenizer, write_safetensors_shards
+        from megatron_tropd.conversion.hf_io import copy_tokenizer, write_safetensors_shards
 
         if self.weights_dir is None:
             raise ValueError("the disk weight-sync path needs weights_dir (sglang.weights_dir or the run dir)")
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         final = self.weights_dir / f"v{version:06d}"
-        tmp = self.weights_dir / f".v{version:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with atomic_directory(final, overwrite=True) as tmp:
             write_safetensors_shards(named_tensors, tmp)
             if self.base_model_dir is not None:  # a relaunched server starts from this dir: make it complete
                 for name in ("config.json", "generation_config.json"):
                     if (self.base_model_dir / name).is_file():
                         shutil.copy2(self.base_model_dir / name, tmp / name)
                 copy_tokenizer(self.base_model_dir, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)  # atomic on one filesystem
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def _prune_versions(self) -> None:

@@ -34,7 +34,7 @@ class SGLangConfig:
     max_total_tokens: int | None = None  # --max-total-tokens (KV-cache cap); None = 8192 on cpu, SGLang's on cuda
     context_length: int | None = None  # --context-length; None = the model's
     extra_args: list[str] = field(default_factory=list)  # appended verbatim to the launch command
-    sgl_kernel_stub: str = "auto"  # put tests/sglang_stubs on PYTHONPATH: auto (cpu and no real sgl_kernel) | on | off
+    sgl_kernel_stub: str = "auto"  # put rollout/cpu_stubs (an import-only sgl_kernel) on PYTHONPATH: auto (cpu and no real sgl_kernel) | on | off
     startup_timeout_s: float = 300.0  # wait this long for /health_generate after launch
     log_dir: str = ""  # server logs; "" = {train.run_dir}/sglang
     # -- requests ------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from megatron_tropd.rollout.sglang_config import SGLangConfig
 
 logger = logging.getLogger(__name__)
 
-STUB_DIR = Path(__file__).resolve().parents[2] / "tests" / "sglang_stubs"  # import-only sgl_kernel stand-in
+STUB_DIR = Path(__file__).resolve().parent / "cpu_stubs"  # holds the import-only `sgl_kernel` stand-in (package data)
 
 
 class SGLangServerError(RuntimeError):
@@ -218,9 +218,10 @@ def relaunch(server: Server, model_path: str | Path, weight_version: int) -> Non
     _start(server)
 
 
-def wait_healthy(servers: list[Server], timeout_s: float) -> float:
+def wait_healthy(servers: list[Server], timeout_s: float, poll_s: float = 1.0) -> float:
     """Poll /health_generate (a real one-token generation) until every server answers 200; seconds waited.
-    Fails fast when a launched server exits, with the tail of its log."""
+    Fails fast when a launched server exits, with the tail of its log. (The one health poller: the trainer's
+    engines and `tropd launch` both use it.)"""
     t0 = time.monotonic()
     pending = list(servers)
     while pending:
@@ -237,7 +238,7 @@ def wait_healthy(servers: list[Server], timeout_s: float) -> float:
         if time.monotonic() - t0 > timeout_s:
             raise SGLangServerError(f"SGLang {s.name} not healthy after {timeout_s:.0f}s "
                                     f"(sglang.startup_timeout_s); log {s.log_path}:\n{s.log_tail()}")
-        time.sleep(1.0)
+        time.sleep(poll_s)
     return time.monotonic() - t0
 
 

@@ -1,0 +1,212 @@
+"""The typed run configuration: dataclasses, loaded from YAML with `key=value` command-line overrides.
+
+    cfg = load_config("examples/configs/smollm2_tropd_cpu.yaml", ["train.steps=20", "objective.outlier=clip"])
+
+Sections are owned by the module that uses them (`ObjectiveConfig` in `objectives`, `DataConfig` in `data`,
+`SGLangConfig` in `rollout.sglang_config`, `ClusterConfig` in `config.cluster`); the rest is defined here. Every option is documented in `docs/configuration.md` (a test checks that every field
+appears there). Unknown keys, wrong types and invalid values raise `ConfigError` naming the file and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_tropd.config.cluster import ClusterConfig, check_placement
+from megatron_tropd.config.errors import ConfigError
+from megatron_tropd.data import DataConfig
+from megatron_tropd.models.arch import DTYPE_BYTES
+from megatron_tropd.objectives import ObjectiveConfig
+from megatron_tropd.rollout.sglang_config import SGLangConfig
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF checkpoint dir, or "builtin:smollm2-135m-instruct[:every5]" (shipped, offline)
+    megatron_checkpoint: str | None = None  # megatron dist checkpoint to load instead of path's HF weights
+
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (GPU) | float16
+    recompute_activations: bool = False  # full activation recompute (student only)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1  # TP for student and teacher (same layout: vocab shards coincide)
+    pipeline_model_parallel_size: int = 1  # PP for student and teacher; data parallel = world / (TP * PP)
+    sequence_parallel: bool = False  # megatron sequence parallelism (needs TP > 1)
+    use_distributed_optimizer: bool = False  # shard optimizer state over DP (megatron; GPU only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # peak learning rate (paper: 5e-6 constant)
+    min_lr: float = 0.0  # floor of the decay schedules
+    lr_schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    warmup_steps: int = 0  # linear warmup over this many optimizer steps
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
+    clip_grad: float = 1.0  # global grad-norm clipping (0 = off)
+    micro_batch_size: int = 4  # sequences per micro-batch (gradient accumulation over micro-batches)
+    updates_per_batch: int = 1  # PPO-style epochs over each rollout batch
+    minibatches_per_update: int = 1  # optimizer steps per epoch (the rollout batch split into minibatches)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "embedded"  # embedded (in-process HF transformers) | sglang
+    prompts_per_step: int = 8  # prompts sampled per step
+    samples_per_prompt: int = 4  # rollouts per prompt
+    temperature: float = 1.0  # sampling temperature; the teacher scores at this temperature too
+    top_p: float = 1.0  # nucleus sampling; log-probs are still of the unfiltered tempered distribution
+    max_new_tokens: int = 128  # maximum response length L (teacher prefix included)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids (the tokenizer's EOS always stops)
+    engine_dtype: str = "float32"  # dtype of the embedded engine's HF model
+    max_weight_lag: int = 0  # samples generated with weights this many versions old are still accepted
+
+
+@dataclass
+class GuidanceConfig:
+    enabled: bool = True  # TrOPD off-policy guidance: continue from teacher-written prefixes
+    prefix_fraction: float = 0.5  # fraction of each prompt's rollouts that start from a teacher prefix
+    max_prefix_tokens: int | None = None  # L in the cosine schedule (None = rollout.max_new_tokens)
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # evaluate every N steps (0 = only before and after training)
+    samples_per_prompt: int = 1  # held-out rollouts per eval prompt
+    temperature: float = 1.0  # eval sampling temperature (KL estimate is on samples from the student)
+    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+    benchmark: str | None = None  # also run `tropd eval`'s harness: humaneval / rg:<task> / a JSONL or Parquet path
+    benchmark_limit: int | None = 32  # problems of the benchmark used at each evaluation (None = all)
+    benchmark_samples: int = 1  # samples per benchmark problem (reports avg@n and pass@1 / pass@n)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10  # optimizer steps of rollout batches (T in the prefix schedule)
+    seed: int = 1234  # seeds init, sampling, trust masks, prefixes and data order
+    run_dir: str = "runs/tropd"  # outputs: metrics.jsonl, tensorboard/, checkpoints/, summary.json
+    save_interval: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept (older ones deleted after a successful save)
+    log_interval: int = 1  # print/log metrics every N steps
+    tensorboard: bool = True  # also write TensorBoard scalars
+    resume: bool = False  # continue from the last complete checkpoint in run_dir
+    progress: bool = True  # live progress bar
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _check_choice(section: str, key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(map(str, valid))}; got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that no single section can do. Returns cfg."""
+    if not cfg.student.path or not cfg.teacher.path:
+        raise ConfigError("student.path and teacher.path are required (an HF checkpoint dir or builtin:...)")
+    for role in ("student", "teacher"):
+        _check_choice(role, "dtype", getattr(cfg, role).dtype, tuple(DTYPE_BYTES))
+    _check_choice("rollout", "engine_dtype", cfg.rollout.engine_dtype, tuple(DTYPE_BYTES))
+    _check_choice("optim", "lr_schedule", cfg.optim.lr_schedule, ("constant", "cosine", "linear"))
+    _check_choice("rollout", "engine", cfg.rollout.engine, ("embedded", "sglang"))
+    positive = {
+        "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+        "optim.micro_batch_size": cfg.optim.micro_batch_size,
+        "optim.updates_per_batch": cfg.optim.updates_per_batch,
+        "optim.minibatches_per_update": cfg.optim.minibatches_per_update,
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "train.steps": cfg.train.steps,
+        "train.keep_last": cfg.train.keep_last,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1; got {value}")
+    if cfg.rollout.temperature < 0 or not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.temperature must be >= 0 and rollout.top_p in (0, 1]; got "
+                          f"{cfg.rollout.temperature}, {cfg.rollout.top_p}")
+    if cfg.rollout.temperature == 0 and cfg.objective.name != "full_vocab":
+        raise ConfigError("rollout.temperature = 0 (greedy) makes the rollout distribution degenerate; "
+                          "on-policy objectives need temperature > 0")
+    if not 0.0 <= cfg.guidance.prefix_fraction <= 1.0:
+        raise ConfigError(f"guidance.prefix_fraction must be in [0, 1]; got {cfg.guidance.prefix_fraction}")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    check_placement(cfg.sglang, cfg.cluster)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; typed, validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(base, False)  # ObjectiveConfig is a frozen dataclass; merge first, validate after
+    where = "defaults"
+    try:
+        if path is not None:
+            where = str(path)
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            base = OmegaConf.merge(base, OmegaConf.load(path))
+        if overrides:
+            where = "command-line overrides"
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like section.key=value; got {bad}")
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid config{f' key {key!r}' if key else ''}: {msg}") from None
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def all_fields() -> list[str]:
+    """Every option as `section.key` (used by the docs test)."""
+    defaults = Config()
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(getattr(defaults, section.name))]
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None):
+    """(Config, its sglang section, its cluster section): the launcher's view of a run config."""
+    cfg = load_config(path, overrides)
+    return cfg, cfg.sglang, cfg.cluster

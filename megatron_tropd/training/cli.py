@@ -1,0 +1,73 @@
+"""`tropd train`: parse the config, the Megatron-style flags and the overrides, then run `loop.train`."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+# Megatron-style flags: shorthands for config keys (flag, key, type)
+MEGATRON_FLAGS = (
+    ("--tensor-model-parallel-size", "parallel.tensor_model_parallel_size", int),
+    ("--pipeline-model-parallel-size", "parallel.pipeline_model_parallel_size", int),
+    ("--sequence-parallel", "parallel.sequence_parallel", bool),
+    ("--use-distributed-optimizer", "parallel.use_distributed_optimizer", bool),
+    ("--micro-batch-size", "optim.micro_batch_size", int),
+    ("--lr", "optim.lr", float),
+    ("--clip-grad", "optim.clip_grad", float),
+    ("--train-iters", "train.steps", int),
+    ("--save-interval", "train.save_interval", int),
+    ("--seed", "train.seed", int),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (see docs/configuration.md)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in run_dir")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=20")
+    megatron = p.add_argument_group("Megatron-style flags (shorthands for the config keys named in brackets)")
+    for flag, key, kind in MEGATRON_FLAGS:
+        dest, help_text = key.replace(".", "__"), f"[{key}]"
+        if kind is bool:
+            megatron.add_argument(flag, dest=dest, action="store_true", default=None, help=help_text)
+        else:
+            megatron.add_argument(flag, dest=dest, type=kind, default=None, metavar="N", help=help_text)
+
+
+def flag_overrides(args) -> list[str]:
+    out = []
+    for _, key, _ in MEGATRON_FLAGS:
+        value = getattr(args, key.replace(".", "__"), None)
+        if value is not None:
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def run(args) -> int:
+    from megatron_tropd.config import ConfigError, load_config
+    from megatron_tropd.training.loop import train
+
+    try:
+        overrides = flag_overrides(args) + list(args.overrides) + (["train.resume=true"] if args.resume else [])
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"tropd train: {e}")
+    quiet_libraries()
+    summary = train(cfg)
+    return 0 if summary is not None else 1
+
+
+def quiet_libraries() -> None:
+    """Our progress and metrics on stdout; megatron's config dumps, HF progress bars and fallback warnings off."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="[tropd] %(message)s")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,129 @@
+"""The distillation loop.
+
+    run = build_run(cfg)                                                   # training/run.py: built once
+    for step in range(run.start_step, steps):
+        metrics = train_step(run, step):
+            prompts = sampler.next_batch()                                 # data (resumable order)
+            samples = generate_with_prefixes(student_engine, teacher_engine)  # rollouts (+ teacher prefixes)
+            batch   = build_batch(samples) -> this DP rank's share
+            metrics = distill_step(student, teacher_scorer, batch, objective)  # teacher scoring + update
+            sync_weights(student -> student_engine, version=step + 1)      # weight sync
+        log / held-out eval / checkpoint
+
+Rollouts are generated on global rank 0 (embedded engine) and broadcast; every other piece runs on all ranks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_tropd.distributed import parallel
+from megatron_tropd.rollout.factory import sync_weights
+from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
+from megatron_tropd.training.batch import build_batch
+from megatron_tropd.training.checkpoint import save_checkpoint
+from megatron_tropd.training.metrics import format_summary
+from megatron_tropd.training.run import Run, build_run
+from megatron_tropd.training.step import distill_step
+
+SUMMARY_METRICS = ("reverse_kl_k1", "token_agreement", "accuracy", "response_length")
+
+
+def train(cfg) -> dict | None:
+    """Run the distillation described by `cfg` (a config.Config). Returns the summary on rank 0, {} elsewhere."""
+    run = build_run(cfg)
+    try:
+        summary = _loop(run)
+    finally:
+        run.close()
+    parallel.destroy()
+    return summary if run.is_logger else {}
+
+
+def _loop(run: Run) -> dict | None:
+    cfg = run.cfg
+    before = run.evaluate(run.start_step) if run.start_step == 0 and run.evaluate else None
+    if run.logger and before:
+        run.logger.log_eval(0, before)
+    for step in range(run.start_step, cfg.train.steps):
+        metrics = train_step(run, step)
+        if run.logger:
+            run.logger.log(step, metrics)
+        if run.evaluate and cfg.eval.interval and (step + 1) % cfg.eval.interval == 0 and step + 1 < cfg.train.steps:
+            ev = run.evaluate(step + 1)
+            if run.logger and ev:
+                run.logger.log_eval(step + 1, ev)
+        if (cfg.train.save_interval and (step + 1) % cfg.train.save_interval == 0) or step + 1 == cfg.train.steps:
+            save_checkpoint(run.run_dir, step, run.student, run.groups, {"sampler": run.sampler.state_dict()},
+                            keep_last=cfg.train.keep_last)
+    after = run.evaluate(cfg.train.steps) if run.evaluate else None
+    if not run.logger:
+        return None
+    if after:
+        run.logger.log_eval(cfg.train.steps, after)
+    run.logger.close()
+    summary = {"before": before, "after": after, "steps": cfg.train.steps, "run_dir": str(run.run_dir),
+               "wall_s": time.time() - run.t_start}
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(summary_text(summary, run.run_dir))
+    return summary
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Rollouts -> this rank's share of the batch -> teacher scoring and update -> weight sync. Metrics on every
+    rank."""
+    t0 = time.time()
+    samples, sample_ids = collect_rollouts(run, run.sampler.next_batch(), step)
+    t_roll = time.time() - t0
+    batch = build_batch(samples, run.pad_id, sample_ids, pad_to_multiple=8 * run.groups.tp_size)
+    mine = batch.dp_shard(run.groups.dp_size, run.groups.dp_rank, run.cfg.optim.minibatches_per_update)
+    metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts)
+    sync_weights(run.engines, run.student, run.groups, run.student_arch, version=step + 1)
+    dt = time.time() - t0
+    metrics.update({"time/step_s": dt, "time/rollout_s": t_roll,
+                    "throughput/tokens_per_s": int(batch.response_mask.sum()) / dt, "weight_version": step + 1})
+    return metrics
+
+
+def collect_rollouts(run: Run, prompts, step: int):
+    """Rollouts of this step's prompts (teacher prefixes per the schedule, student continuations), generated on
+    the rank that holds the engines and broadcast to all ranks. Returns (samples, global sample ids)."""
+    payload = None
+    if run.is_logger:
+        n, cfg = run.cfg.rollout.samples_per_prompt, run.cfg
+        rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]  # unique per step: seeds
+        lengths = plan_prefix_lengths([p.id for p in prompts], n, step, run.prefix_opts)
+        per_prompt = generate_with_prefixes(run.engines["student"], run.engines.get("teacher"), prompts, lengths,
+                                            run.sampling, request_ids=rids)
+        samples = [s for group in per_prompt for s in group]
+        sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
+        check_weight_versions(samples, run.engines["student"].weight_version, cfg.rollout.max_weight_lag)
+        payload = (samples, sample_ids)
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_weight_versions(samples, version: int, max_lag: int) -> None:
+    stale = [s.weight_version for s in samples if version - s.weight_version > max_lag]
+    if stale:
+        raise RuntimeError(f"{len(stale)} rollouts were generated with stale weights (versions {sorted(set(stale))}, "
+                           f"current {version}, rollout.max_weight_lag={max_lag}); refusing to train on them")
+
+
+def summary_text(summary: dict, run_dir: Path) -> str:
+    b, a = summary["before"] or {}, summary["after"] or {}
+    lines = ["", "=" * 72, f"tropd train finished: {summary['steps']} steps in {summary['wall_s']:.0f}s", ""]
+    lines.append(f"{'held-out metric':<28}{'before':>12}{'after':>12}")
+    for key in SUMMARY_METRICS:
+        if key in b or key in a:
+            lines.append(f"{key:<28}{b.get(key, float('nan')):>12.4f}{a.get(key, float('nan')):>12.4f}")
+    lines += ["", f"outputs: {run_dir}/  (metrics.jsonl, eval_metrics.jsonl, tensorboard/, checkpoints/, "
+              f"summary.json, config.yaml)", f"curves:  tropd plot {run_dir}", "=" * 72]
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        lines.insert(3, format_summary(metrics_file))
+    return "\n".join(lines)

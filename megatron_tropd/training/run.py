@@ -1,0 +1,179 @@
+"""Everything a run builds once, in one place: `build_run(cfg) -> Run`.
+
+    groups -> model dirs (built-ins materialised by rank 0 first) -> vocabulary check -> tokenizer
+    -> objective -> student (DDP + optimizer + scheduler) and teacher scorer -> data and sampler
+    -> resume (model, optimizer, scheduler, RNG, sampler) -> rollout engines (+ first weight sync)
+    -> metrics logger (rank 0) -> held-out evaluation
+
+`Run.close()` closes the engines (and the SGLang servers this run launched) however the run ends.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_tropd.config import Config, save_config
+from megatron_tropd.conversion.megatron_io import load_megatron_checkpoint
+from megatron_tropd.data import PromptDataset, PromptSampler
+from megatron_tropd.distributed import parallel
+from megatron_tropd.distributed.parallel import ParallelGroups
+from megatron_tropd.evaluation.heldout import HeldOutEval, HeldOutOptions
+from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.models.builtin import default_cache_dir, resolve_model_path
+from megatron_tropd.models.hf_mapping import arch_from_hf_config
+from megatron_tropd.objectives import Objective, PrefixOptions, build_objective
+from megatron_tropd.rollout.base import SamplingParams
+from megatron_tropd.rollout.factory import build_engines, sync_weights
+from megatron_tropd.training.checkpoint import latest_checkpoint, load_checkpoint
+from megatron_tropd.training.metrics import MetricsLogger
+from megatron_tropd.training.roles import Student, build_student, build_teacher, check_vocab_compatible, hf_loader
+from megatron_tropd.training.scoring import MegatronTeacherScorer, TeacherScorer
+from megatron_tropd.training.step import StepOptions
+
+log = logging.getLogger("tropd")
+
+
+@dataclass
+class Run:
+    cfg: Config
+    groups: ParallelGroups
+    student_arch: ModelArch
+    student: Student
+    teacher: TeacherScorer
+    objective: Objective
+    dataset: PromptDataset
+    sampler: PromptSampler
+    sampling: SamplingParams  # rollout sampling
+    prefix_opts: PrefixOptions  # teacher-prefix schedule
+    step_opts: StepOptions
+    pad_id: int
+    run_dir: Path
+    start_step: int  # 0, or the step after the resumed checkpoint
+    evaluate: HeldOutEval | None  # None without held-out prompts
+    engines: dict = field(default_factory=dict)  # {"student": engine, "teacher": engine} on the generating rank
+    logger: MetricsLogger | None = None  # rank 0 only
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def is_logger(self) -> bool:
+        return self.groups.rank == 0
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def _model_dirs(cfg: Config, groups: ParallelGroups) -> tuple[Path, Path]:
+    """Rank 0 materialises built-in models first; the others then find them complete in the cache."""
+    cache = default_cache_dir()
+
+    def resolve():
+        return resolve_model_path(cfg.student.path, cache), resolve_model_path(cfg.teacher.path, cache)
+
+    dirs = resolve() if groups.rank == 0 else None
+    dist.barrier()
+    return dirs if dirs is not None else resolve()
+
+
+def _weight_loader(model_cfg, hf_dir: Path, arch: ModelArch, groups: ParallelGroups):
+    if model_cfg.megatron_checkpoint:
+        return lambda model: load_megatron_checkpoint(model, model_cfg.megatron_checkpoint, groups)
+    return hf_loader(hf_dir, arch, groups)
+
+
+def build_run(cfg: Config) -> Run:
+    from transformers import AutoTokenizer
+
+    groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                                 seed=cfg.train.seed)
+    student_dir, teacher_dir = _model_dirs(cfg, groups)
+    s_arch, t_arch = arch_from_hf_config(student_dir), arch_from_hf_config(teacher_dir)
+    check_vocab_compatible(student_dir, teacher_dir, s_arch, t_arch)
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    vocab = s_arch.vocab_size
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
+
+    objective = build_objective(cfg.objective)
+    updates = cfg.train.steps * cfg.optim.updates_per_batch * cfg.optim.minibatches_per_update
+    student = build_student(s_arch, groups, _weight_loader(cfg.student, student_dir, s_arch, groups), cfg.optim,
+                            updates, dtype=cfg.student.dtype, recompute=cfg.student.recompute_activations,
+                            sequence_parallel=cfg.parallel.sequence_parallel,
+                            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    step_opts = StepOptions(temperature=cfg.rollout.temperature, vocab_size=vocab,
+                            micro_batch_size=cfg.optim.micro_batch_size,
+                            updates_per_batch=cfg.optim.updates_per_batch,
+                            minibatches_per_update=cfg.optim.minibatches_per_update)
+    teacher = MegatronTeacherScorer(
+        build_teacher(t_arch, groups, _weight_loader(cfg.teacher, teacher_dir, t_arch, groups),
+                      dtype=cfg.teacher.dtype, sequence_parallel=cfg.parallel.sequence_parallel),
+        groups, step_opts.score)
+
+    dataset = PromptDataset(cfg.data, tokenizer)
+    sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
+    run_dir = Path(cfg.train.run_dir)
+    start = _resume(cfg, run_dir, student, sampler, groups)
+
+    run = Run(
+        cfg=cfg, groups=groups, student_arch=s_arch, student=student, teacher=teacher, objective=objective,
+        dataset=dataset, sampler=sampler,
+        sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
+                                seed=cfg.train.seed),
+        prefix_opts=PrefixOptions(total_steps=cfg.train.steps, enabled=cfg.guidance.enabled,
+                                  max_response_len=cfg.guidance.max_prefix_tokens or cfg.rollout.max_new_tokens,
+                                  prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed),
+        step_opts=step_opts, pad_id=pad_id, run_dir=run_dir, start_step=start, evaluate=None,
+    )
+    try:
+        run.engines.update(build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=run.is_logger))
+        sync_weights(run.engines, student, groups, s_arch, version=start)  # the engine samples the trained weights
+        if run.is_logger:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            run.logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard,
+                                       resume_step=start - 1 if start else None, total_steps=cfg.train.steps,
+                                       progress=cfg.train.progress)
+        if dataset.eval:
+            run.evaluate = _held_out_eval(cfg, run, dataset.eval, tokenizer, stop_ids, vocab)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _resume(cfg: Config, run_dir: Path, student: Student, sampler: PromptSampler, groups: ParallelGroups) -> int:
+    if not cfg.train.resume:
+        return 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        if groups.rank == 0:
+            log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
+        return 0
+    state = load_checkpoint(ckpt, student, groups)
+    sampler.load_state_dict(state["sampler"])
+    if groups.rank == 0:
+        log.info(f"resumed from {ckpt} (next step {state['step'] + 1})")
+    return state["step"] + 1
+
+
+def _held_out_eval(cfg: Config, run: Run, prompts: list, tokenizer, stop_ids: tuple, vocab: int) -> HeldOutEval:
+    benchmark = None
+    if cfg.eval.benchmark and run.is_logger:
+        from megatron_tropd.evaluation.benchmarks import load_benchmark
+
+        benchmark = load_benchmark(cfg.eval.benchmark, limit=cfg.eval.benchmark_limit, seed=cfg.data.seed)
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0,
+                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                            stop_token_ids=stop_ids, seed=cfg.train.seed + 1)
+    opts = HeldOutOptions(samples_per_prompt=cfg.eval.samples_per_prompt, micro_batch_size=cfg.optim.micro_batch_size,
+                          vocab_size=vocab, pad_id=run.pad_id, run_dir=run.run_dir, benchmark=benchmark,
+                          benchmark_samples=cfg.eval.benchmark_samples)
+    return HeldOutEval(prompts, run.engines.get("student"), run.teacher, run.student, run.groups, tokenizer, params,
+                       opts)

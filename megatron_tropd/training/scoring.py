@@ -1,0 +1,101 @@
+"""Forward-only per-token passes on vocabulary shards: the teacher's scores and the student's old log-probs.
+
+Each pass runs megatron's (pipelined) schedule without gradients and, on the last stage, keeps only the small
+tensors an objective declares (`Requirements`), per micro-batch and aligned with `RolloutBatch.targets`:
+
+    TeacherTokens: lp_t [b, s]; tk_lp / tk_ids [b, s, k] and ent_t [b, s] when asked
+    StudentTokens: lp_old [b, s]; ent_s [b, s] when asked
+
+all at the rollout temperature over the real vocabulary. Full logits never outlive a micro-batch.
+
+The step talks to the teacher only through `TeacherScorer.score`; `MegatronTeacherScorer` (a frozen megatron
+teacher in the student's TP/PP layout) is its first implementation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from megatron_tropd import ops
+from megatron_tropd.distributed.parallel import ParallelGroups
+from megatron_tropd.objectives import Requirements
+from megatron_tropd.training.batch import RolloutBatch
+from megatron_tropd.training.roles import Teacher
+from megatron_tropd.training.schedule import position_ids, run_schedule
+
+
+@dataclass
+class TeacherTokens:
+    """The teacher's per-token statistics of one micro-batch (position t scores target t)."""
+
+    lp_t: torch.Tensor  # [b, s] float32: log pi_T(target) at the rollout temperature
+    tk_lp: torch.Tensor | None = None  # [b, s, k] teacher top-k log-probs (real vocabulary only)
+    tk_ids: torch.Tensor | None = None  # [b, s, k] int64 their token ids
+    ent_t: torch.Tensor | None = None  # [b, s] teacher entropy over the full vocabulary
+
+
+@dataclass
+class StudentTokens:
+    """The student's per-token statistics at the weights of the start of the step."""
+
+    lp_old: torch.Tensor  # [b, s] float32
+    ent_s: torch.Tensor | None = None  # [b, s] student entropy over the full vocabulary
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    temperature: float  # every log-prob is taken at it (the rollout temperature)
+    vocab_size: int  # the real vocabulary: padding rows are excluded
+
+
+class TeacherScorer(Protocol):
+    def score(self, micro_batches: list[RolloutBatch], req: Requirements) -> list[TeacherTokens]:
+        """One TeacherTokens per micro-batch on the student's last pipeline stage; [] on the other stages."""
+
+
+def tp_group(groups: ParallelGroups):
+    return groups.tp if groups.tp_size > 1 else None
+
+
+class MegatronTeacherScorer:
+    """A frozen megatron teacher in the student's TP/PP layout: its vocabulary shards coincide with the student's,
+    so it can also hand full logits shards to full-vocabulary objectives (`forward_logits`)."""
+
+    def __init__(self, teacher: Teacher, groups: ParallelGroups, opts: ScoreOptions):
+        self.teacher, self.groups, self.opts = teacher, groups, opts
+
+    @torch.no_grad()
+    def score(self, micro_batches: list[RolloutBatch], req: Requirements) -> list[TeacherTokens]:
+        tp, kw = tp_group(self.groups), dict(temperature=self.opts.temperature, vocab_size=self.opts.vocab_size)
+
+        def on_logits(logits, i):
+            out = TeacherTokens(lp_t=ops.token_logprobs(logits, micro_batches[i].targets.to(logits.device), tp, **kw))
+            if req.teacher_topk:
+                out.tk_lp, out.tk_ids = ops.topk_logprobs(logits, req.teacher_topk, tp, **kw)
+            if req.teacher_entropy or req.entropy_threshold == "teacher":
+                out.ent_t = ops.entropy(logits, tp, **kw)
+            return logits.new_zeros(()), out
+
+        return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True)
+
+    @torch.no_grad()
+    def forward_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[b, s] input ids -> the teacher's logits shard [b, s, V_padded/tp] (pipeline size 1 only)."""
+        return self.teacher.model(inputs, position_ids(inputs), None)
+
+
+@torch.no_grad()
+def score_student_old(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, req: Requirements,
+                      opts: ScoreOptions, with_entropy: bool = False) -> list[StudentTokens]:
+    """lp_old (and ent_s when the objective or the metrics need it) with the weights at the start of the step."""
+    tp, kw = tp_group(groups), dict(temperature=opts.temperature, vocab_size=opts.vocab_size)
+
+    def on_logits(logits, i):
+        out = StudentTokens(lp_old=ops.token_logprobs(logits, micro_batches[i].targets.to(logits.device), tp, **kw))
+        if with_entropy or req.student_entropy or req.entropy_threshold == "student":
+            out.ent_s = ops.entropy(logits, tp, **kw)
+        return logits.new_zeros(()), out
+
+    return run_schedule(model, micro_batches, groups, on_logits, forward_only=True)

@@ -1,0 +1,154 @@
+"""One distillation step on this data-parallel rank's share of a rollout batch.
+
+    TeacherScorer.score (forward only)  ->  student old log-probs (forward only)  ->  global token counts
+    ->  for each epoch, minibatch: forward-backward with the objective as the loss  ->  optimizer step
+
+The objective sees per-token tensors computed on vocabulary shards (`megatron_tropd.ops`); its loss carries the
+global normalisation (one all-reduce of token counts per optimizer step), so gradients do not depend on the
+micro-batch or data-parallel split. Metrics are reduced over micro-batches and DP ranks with one all-reduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import zip_longest
+
+import torch
+
+from megatron_tropd import ops
+from megatron_tropd.distributed.parallel import ParallelGroups
+from megatron_tropd.objectives import (
+    GlobalCounts, Objective, TokenInputs, entropy_threshold, global_counts, reduce_metrics, token_weights,
+)
+from megatron_tropd.training.batch import RolloutBatch
+from megatron_tropd.training.roles import Student
+from megatron_tropd.training.schedule import broadcast_from_last_stage, run_schedule
+from megatron_tropd.training.scoring import (
+    ScoreOptions, StudentTokens, TeacherScorer, TeacherTokens, score_student_old, tp_group,
+)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    temperature: float  # rollout temperature: every log-prob is taken at it
+    vocab_size: int  # real vocabulary (padding rows excluded)
+    micro_batch_size: int
+    updates_per_batch: int = 1
+    minibatches_per_update: int = 1
+
+    @property
+    def score(self) -> ScoreOptions:
+        return ScoreOptions(self.temperature, self.vocab_size)
+
+
+@dataclass
+class ScoredMicroBatch:
+    """A micro-batch with what the forward-only passes computed for it (None off the last pipeline stage)."""
+
+    batch: RolloutBatch
+    teacher: TeacherTokens | None
+    old: StudentTokens | None
+
+
+@dataclass(frozen=True)
+class UpdateContext:
+    """What every micro-batch of one optimizer step shares."""
+
+    groups: ParallelGroups
+    step: int
+    counts: GlobalCounts  # token counts of this minibatch over all DP ranks (the loss normaliser)
+    entropy_threshold: torch.Tensor | None  # the step's entropy quantile, when the objective selects by entropy
+    opts: StepOptions
+
+
+def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, objective: Objective,
+                 groups: ParallelGroups, step: int, opts: StepOptions) -> dict[str, float]:
+    """Train on `batch` (this DP rank's sequences). Returns step metrics on every rank."""
+    req = objective.requirements
+    if req.full_vocab_kl is not None and groups.pp_size > 1:
+        raise ValueError("full-vocabulary objectives co-schedule the teacher inside the student's micro-batch and "
+                         "support pipeline_model_parallel_size = 1 only; use tensor parallelism instead")
+    device = groups.device
+    micro = [mb.to(device) for mb in batch.micro_batches(opts.micro_batch_size)]
+    teacher_out = teacher.score(micro, req)
+    old_out = score_student_old(student.model, micro, groups, req, opts.score, with_entropy=True)
+    scored = [ScoredMicroBatch(mb, t, o) for mb, t, o in zip_longest(micro, teacher_out, old_out)]
+
+    threshold = None
+    if req.entropy_threshold is not None and groups.is_last_stage:
+        ents = [o.ent_s for o in old_out] if req.entropy_threshold == "student" else [t.ent_t for t in teacher_out]
+        threshold = entropy_threshold(ents, [mb.response_mask & ~mb.prefix_mask for mb in micro],
+                                      req.entropy_frac, groups.dp)
+
+    if len(micro) % opts.minibatches_per_update:
+        raise ValueError(f"{len(micro)} micro-batches per rank cannot be split into "
+                         f"optim.minibatches_per_update={opts.minibatches_per_update} minibatches")
+    per_mini = len(micro) // opts.minibatches_per_update
+    all_metrics, grad_norms, skipped = [], [], 0
+    for _ in range(opts.updates_per_batch):
+        for m in range(opts.minibatches_per_update):
+            mini = scored[m * per_mini:(m + 1) * per_mini]
+            counts = global_counts([(s.batch.response_mask, s.batch.prefix_mask) for s in mini], groups.dp, device)
+            ctx = UpdateContext(groups, step, counts, threshold, opts)
+            all_metrics.extend(r["metrics"] for r in _update(student, teacher, mini, objective, ctx))
+            ok, grad_norm, _ = student.optimizer.step()
+            student.scheduler.step(increment=1)
+            skipped += int(not ok)
+            grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+
+    metrics = None
+    if groups.is_last_stage:
+        metrics = reduce_metrics(all_metrics, groups.dp, device)
+        metrics.update(_batch_metrics(micro, groups, device))
+    metrics = broadcast_from_last_stage(metrics, groups)
+    metrics["grad_norm"] = grad_norms[-1]
+    metrics["lr"] = student.optimizer.param_groups[0]["lr"]
+    metrics["skipped_updates"] = float(skipped)
+    return metrics
+
+
+def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatch], objective: Objective,
+            ctx: UpdateContext) -> list[dict]:
+    """Forward-backward of one minibatch with the objective as the loss (gradients accumulate; no step)."""
+    req, cfg, groups = objective.requirements, objective.cfg, ctx.groups
+    tp = tp_group(groups)
+    kw = dict(temperature=ctx.opts.temperature, vocab_size=ctx.opts.vocab_size)
+
+    def on_logits(logits, i):
+        mb, t, o = mini[i].batch, mini[i].teacher, mini[i].old
+        lp_s = ops.token_logprobs(logits, mb.targets, tp, **kw)
+        sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
+        full_kl = None
+        if req.full_vocab_kl is not None:
+            t_logits = teacher.forward_logits(mb.inputs)
+            full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
+            del t_logits
+        inputs = TokenInputs(
+            lp_s=lp_s, lp_old=o.lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
+            prefix_mask=mb.prefix_mask, sample_ids=mb.sample_ids, positions=mb.positions, step=ctx.step,
+            lp_roll=mb.lp_roll if req.rollout_logprobs else None, tk_lp=t.tk_lp, tk_ids=t.tk_ids,
+            sk_lp=sk_lp, ent_t=t.ent_t, ent_s=o.ent_s, full_kl=full_kl, entropy_threshold=ctx.entropy_threshold,
+        )
+        weights = token_weights(mb.response_mask, mb.prefix_mask, ctx.counts, cfg.aggregation)
+        loss, metrics = objective(inputs, weights)
+        # The total loss of this update = sum over micro-batches and DP ranks; count it once (rank 0, first mb).
+        once = float(i == 0 and groups.dp_rank == 0)
+        metrics["loss"] = (loss.detach().double(), torch.tensor(once, dtype=torch.float64))
+        return loss, {"metrics": metrics}
+
+    student.model.zero_grad_buffer()
+    student.optimizer.zero_grad()
+    return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False)
+
+
+def _batch_metrics(micro: list[RolloutBatch], groups: ParallelGroups, device) -> dict:
+    """Response / prefix lengths per sequence, reduced over DP like the objective metrics."""
+    per_mb = []
+    for mb in micro:
+        seqs = torch.ones(mb.size, dtype=torch.float64, device=mb.tokens.device)
+        m = {
+            "response_length": (mb.response_mask.sum().double(), seqs.sum()),
+            "prefix_length": (mb.prefix_mask.sum().double(), seqs.sum()),
+            "prefixed_fraction": (mb.prefix_mask.any(-1).sum().double(), seqs.sum()),
+        }
+        per_mb.append(m)
+    return reduce_metrics(per_mb, groups.dp, device)
