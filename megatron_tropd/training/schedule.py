@@ -7,8 +7,9 @@ that turns the last stage's vocabulary-sharded logits into small per-token tenso
 shard `[b, s, V_padded/tp]` of that micro-batch; `loss` is a scalar to backpropagate (ignored when forward_only)
 and `outputs` a dict of small tensors. The full logits are dropped when `on_logits` returns, so they never
 outlive a micro-batch. Returns the `outputs` of every micro-batch on the last stage, `[]` elsewhere.
-The loss is taken as given: the models are built with `calculate_per_token_loss=True`, so megatron does not
-divide it by token or micro-batch counts (our objectives already carry the global normalisation).
+The loss is taken as given: the models are built with `calculate_per_token_loss=True` and each micro-batch
+reports zero tokens, so megatron neither divides the loss by micro-batch counts nor the gradients by token counts
+(our objectives already carry the global normalisation, in one place: `objectives.token_weights`).
 """
 from __future__ import annotations
 
@@ -43,7 +44,11 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
 
         def loss_func(logits):
             loss, outputs = on_logits(logits, index)
-            return loss, torch.tensor(1, dtype=torch.int, device=device), outputs
+            # Our loss already carries the global normalisation (objectives.token_weights), so it is reported with
+            # zero tokens: finalize_model_grads divides gradients by the DP-summed token count only when it is
+            # > 0, and DDP sums over DP with calculate_per_token_loss. The gradient is then exactly the gradient
+            # of the documented loss (tests/test_grad_scale.py), whatever the micro-batch count or DP size.
+            return loss, torch.zeros((), dtype=torch.int, device=device), outputs
 
         return output, loss_func
 

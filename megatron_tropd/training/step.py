@@ -100,7 +100,10 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
         metrics = reduce_metrics(all_metrics, groups.dp, device)
         metrics.update(_batch_metrics(micro, groups, device))
     metrics = broadcast_from_last_stage(metrics, groups)
-    metrics["grad_norm"] = grad_norms[-1]
+    # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["grad_norm/max"] = max(grad_norms)
+    metrics["optimizer_steps"] = float(len(grad_norms))
     metrics["lr"] = student.optimizer.param_groups[0]["lr"]
     metrics["skipped_updates"] = float(skipped)
     return metrics
