@@ -168,9 +168,11 @@ def test_vocabulary_compatibility_check(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     char_tokenizer().save_pretrained(a)
     char_tokenizer().save_pretrained(b)
-    check_vocab_compatible(a, b, STUDENT, STUDENT)  # same tokenizer files: fine
-    with pytest.raises(ValueError, match="vocabularies differ in size: 200"):
-        check_vocab_compatible(a, b, STUDENT, STUDENT.replace(vocab_size=300))
+    assert check_vocab_compatible(a, b, STUDENT, STUDENT, VOCAB) == VOCAB  # same tokenizer files: fine
+    # a teacher that pads its embedding to more rows shares the vocabulary (the tokenizer's)
+    assert check_vocab_compatible(a, b, STUDENT, STUDENT.replace(vocab_size=300), VOCAB) == VOCAB
+    with pytest.raises(ValueError, match="student .*vocab_size=200 is smaller than the shared tokenizer's 256"):
+        check_vocab_compatible(a, b, STUDENT, STUDENT.replace(vocab_size=300), 256)
     (b / "tokenizer.json").write_text((b / "tokenizer.json").read_text().replace('"a": ', '"A_": ', 1))
     with pytest.raises(ValueError, match="tokenizers differ"):
-        check_vocab_compatible(a, b, STUDENT, STUDENT)
+        check_vocab_compatible(a, b, STUDENT, STUDENT, VOCAB)

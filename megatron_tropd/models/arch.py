@@ -32,7 +32,7 @@ class ModelArch:
     num_attention_heads: int
     num_query_groups: int  # = num_key_value_heads
     ffn_hidden_size: int
-    vocab_size: int  # the real vocabulary (tokenizer size); padded at build time
+    vocab_size: int  # embedding rows of the checkpoint (>= the tokenizer's vocabulary); padded at build time
     max_position_embeddings: int = 4096
     kv_channels: int | None = None  # head_dim; None = hidden / heads
     norm_epsilon: float = 1e-5
@@ -43,11 +43,13 @@ class ModelArch:
     qk_layernorm: bool = False  # Qwen3
     architecture: str = "LlamaForCausalLM"
     make_vocab_size_divisible_by: int = 128
+    pad_vocab_to: int = 0  # build at least this many embedding rows (aligns two models' vocabulary shards)
 
     def padded_vocab_size(self, tp_size: int) -> int:
-        """Vocabulary padded to a multiple of make_vocab_size_divisible_by * TP (megatron convention)."""
+        """Embedding rows at build time: max(vocab_size, pad_vocab_to) rounded up to a multiple of
+        make_vocab_size_divisible_by * TP (megatron convention)."""
         multiple = self.make_vocab_size_divisible_by * tp_size
-        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+        return ((max(self.vocab_size, self.pad_vocab_to) + multiple - 1) // multiple) * multiple
 
     def replace(self, **changes) -> "ModelArch":
         return dataclasses.replace(self, **changes)
@@ -55,6 +57,14 @@ class ModelArch:
 
 def head_dim(arch: ModelArch) -> int:
     return arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+
+
+def align_vocab_padding(*archs: ModelArch) -> tuple[ModelArch, ...]:
+    """The same archs, all padded to the largest row count: models that share a tokenizer but pad their embeddings
+    differently (Qwen2.5-1.5B: 151936 rows, Qwen2.5-7B: 152064) then get identical vocabulary shards at every TP,
+    so shard-wise KL between them lines up. The padding rows are excluded from every op by the real vocabulary."""
+    rows = max(max(a.vocab_size, a.pad_vocab_to) for a in archs)
+    return tuple(a.replace(pad_vocab_to=rows) for a in archs)
 
 
 def check_layout(arch: ModelArch, tp: int, pp: int, role: str = "model") -> None:

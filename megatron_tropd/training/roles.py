@@ -1,19 +1,22 @@
 """The two models of a distillation run, built from HF checkpoints in the same TP/PP layout.
 
 - `Student`: trainable GPTModel wrapped in megatron-core DDP, with megatron-core's optimizer (Adam, grad clipping,
-  optional distributed optimizer) and `OptimizerParamScheduler` (warmup, constant/cosine/linear decay).
+  optional distributed optimizer, GPU or CPU/gloo) and `OptimizerParamScheduler` (warmup, constant/cosine/linear
+  decay).
 - `Teacher`: frozen GPTModel (eval mode, requires_grad False, no DDP, no optimizer state, no grad buffers).
 Both use `calculate_per_token_loss=True`: megatron does not rescale our (already globally normalised) loss and
 DDP sums gradients over data-parallel ranks.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from megatron_tropd.distributed import cpu_compat
 from megatron_tropd.models.arch import ModelArch, torch_dtype
 from megatron_tropd.models.gpt import BuildOptions, build_gpt_model
 from megatron_tropd.distributed.parallel import ParallelGroups
@@ -71,9 +74,6 @@ def build_student(arch: ModelArch, groups: ParallelGroups, load: WeightLoader | 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    if use_distributed_optimizer and not torch.cuda.is_available():
-        raise ValueError("parallel.use_distributed_optimizer needs CUDA (megatron's DistributedOptimizer only "
-                         "wraps CUDA parameters); set it to false on CPU")
     model = build_gpt_model(arch, groups, build_options(dtype, recompute, sequence_parallel))
     if load is not None:
         load(model)  # before DDP wrapping: DDP and the optimizer take the loaded values as they are
@@ -85,15 +85,13 @@ def build_student(arch: ModelArch, groups: ParallelGroups, load: WeightLoader | 
     model = DistributedDataParallel(config, ddp_config, model)
     config.finalize_model_grads_func = finalize_model_grads
     bf16, fp16 = dtype == "bfloat16", dtype == "float16"
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
+    with cpu_compat.cuda_tensor_type_names():  # megatron's optimizers check param.type() for CUDA type names
+        optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
             clip_grad=optim.clip_grad, bf16=bf16, fp16=fp16, params_dtype=torch_dtype(dtype),
             use_distributed_optimizer=use_distributed_optimizer,
-        ),
-        [model],
-    )
+        ), [model])
     decay_steps = max(total_updates - optim.warmup_steps, 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
@@ -104,13 +102,20 @@ def build_student(arch: ModelArch, groups: ParallelGroups, load: WeightLoader | 
     return Student(model, arch, optimizer, scheduler)
 
 
-def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path,
-                           student: ModelArch, teacher: ModelArch) -> None:
-    """Same tokenizer files, or identical vocabularies; real vocab sizes equal. Raises ValueError otherwise."""
-    if student.vocab_size != teacher.vocab_size:
-        raise ValueError(f"student and teacher vocabularies differ in size: {student.vocab_size} "
-                         f"({student_dir}) vs {teacher.vocab_size} ({teacher_dir}); on-policy distillation "
-                         f"scores the student's tokens with the teacher, so both must share one tokenizer")
+def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path, student: ModelArch,
+                           teacher: ModelArch, tokenizer_size: int) -> int:
+    """The real vocabulary shared by student and teacher: the tokenizer's size. Both must have the same tokenizer
+    files (or identical vocabularies) and at least that many embedding rows; their row counts may differ (padding
+    is excluded everywhere and `models.arch.align_vocab_padding` aligns their shards). Raises ValueError."""
+    _check_same_tokenizer(student_dir, teacher_dir)
+    for role, arch, where in (("student", student, student_dir), ("teacher", teacher, teacher_dir)):
+        if arch.vocab_size < tokenizer_size:
+            raise ValueError(f"{role} {where}: config.json vocab_size={arch.vocab_size} is smaller than the shared "
+                             f"tokenizer's {tokenizer_size} tokens; the {role} cannot score every token id")
+    return tokenizer_size
+
+
+def _check_same_tokenizer(student_dir: str | Path, teacher_dir: str | Path) -> None:
     files = ("tokenizer.json", "vocab.json", "tokenizer.model")
     for name in files:
         a, b = Path(student_dir) / name, Path(teacher_dir) / name
@@ -118,8 +123,6 @@ def check_vocab_compatible(student_dir: str | Path, teacher_dir: str | Path,
             if a.read_bytes() == b.read_bytes():
                 return
             if name == "tokenizer.json":
-                import json
-
                 va = json.loads(a.read_text()).get("model", {}).get("vocab")
                 vb = json.loads(b.read_text()).get("model", {}).get("vocab")
                 if va is not None and va == vb:

@@ -22,13 +22,13 @@ from megatron_tropd.data import PromptDataset, PromptSampler
 from megatron_tropd.distributed import parallel
 from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.evaluation.heldout import HeldOutEval, HeldOutOptions
-from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.models.arch import ModelArch, align_vocab_padding
 from megatron_tropd.models.builtin import default_cache_dir, resolve_model_path
 from megatron_tropd.models.hf_mapping import arch_from_hf_config
 from megatron_tropd.objectives import Objective, PrefixOptions, build_objective
 from megatron_tropd.rollout.base import SamplingParams
 from megatron_tropd.rollout.factory import build_engines, sync_weights
-from megatron_tropd.training.checkpoint import latest_checkpoint, load_checkpoint
+from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
 from megatron_tropd.training.metrics import MetricsLogger
 from megatron_tropd.training.roles import Student, build_student, build_teacher, check_vocab_compatible, hf_loader
 from megatron_tropd.training.scoring import MegatronTeacherScorer, TeacherScorer
@@ -93,10 +93,10 @@ def build_run(cfg: Config) -> Run:
     groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                                  seed=cfg.train.seed)
     student_dir, teacher_dir = _model_dirs(cfg, groups)
-    s_arch, t_arch = arch_from_hf_config(student_dir), arch_from_hf_config(teacher_dir)
-    check_vocab_compatible(student_dir, teacher_dir, s_arch, t_arch)
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
-    vocab = s_arch.vocab_size
+    s_arch, t_arch = arch_from_hf_config(student_dir), arch_from_hf_config(teacher_dir)
+    vocab = check_vocab_compatible(student_dir, teacher_dir, s_arch, t_arch, len(tokenizer))  # the real vocabulary
+    s_arch, t_arch = align_vocab_padding(s_arch, t_arch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
 
@@ -156,6 +156,7 @@ def _resume(cfg: Config, run_dir: Path, student: Student, sampler: PromptSampler
         if groups.rank == 0:
             log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
         return 0
+    check_resume_config(ckpt, cfg)  # refuses a changed objective / model / data (cli.py checks before any model)
     state = load_checkpoint(ckpt, student, groups)
     sampler.load_state_dict(state["sampler"])
     if groups.rank == 0:
