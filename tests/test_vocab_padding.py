@@ -80,3 +80,48 @@ def test_unequal_padding_gives_the_equal_padding_update(weights, name, tp):
         # atol 1e-5 = 1% of one Adam step (lr 1e-3): different shard sizes reorder float sums, and Adam's first step
         # (~ lr * g / |g|) amplifies that on near-zero gradients; grad_norm above agrees to rel 1e-5
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{pname}: {m}")
+
+
+# Published config.json numbers of the paper's math pair (a stand-in checkpoint: config + a shared tokenizer).
+R1_DISTILL_1_5B = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "intermediate_size": 8960,
+                   "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+                   "vocab_size": 151936, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+SKYWORK_OR1_7B = {**R1_DISTILL_1_5B, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                  "num_key_value_heads": 4, "vocab_size": 152064}
+
+
+def test_paper_r1distill_skywork_recipe_passes_the_start_up_checks(tmp_path):
+    """examples/configs/paper_r1distill1.5b_skywork7b.yaml with stand-in checkpoints (the real config.json numbers,
+    a shared tokenizer): the vocabulary check accepts the 151936 / 152064-row pair, both archs fit the recipe's
+    layout, and after alignment both build with the same padded row count at its TP."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from megatron_tropd.config import load_config
+    from megatron_tropd.models.arch import check_layout
+    from megatron_tropd.models.hf_mapping import arch_from_hf_config
+    from megatron_tropd.training.roles import check_vocab_compatible
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_hf import char_tokenizer
+
+    dirs = {}
+    for role, cfg in (("student", R1_DISTILL_1_5B), ("teacher", SKYWORK_OR1_7B)):
+        d = tmp_path / role
+        char_tokenizer().save_pretrained(d)
+        (d / "config.json").write_text(json.dumps(cfg))
+        dirs[role] = d
+    root = Path(__file__).resolve().parents[1]
+    run = load_config(root / "examples/configs/paper_r1distill1.5b_skywork7b.yaml",
+                      [f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}"])
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    s, t = arch_from_hf_config(dirs["student"]), arch_from_hf_config(dirs["teacher"])
+    assert (s.vocab_size, t.vocab_size) == (151936, 152064)
+    tokenizer_size = len(char_tokenizer())
+    assert check_vocab_compatible(dirs["student"], dirs["teacher"], s, t, tokenizer_size) == tokenizer_size
+    check_layout(s, tp, pp, "student")
+    check_layout(t, tp, pp, "teacher")
+    s, t = align_vocab_padding(s, t)
+    assert s.padded_vocab_size(tp) == t.padded_vocab_size(tp) == 152064

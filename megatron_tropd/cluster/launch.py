@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,9 +362,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, sg, cl = load_run_config(args.config, args.overrides)
-    env = resolve_env(os.environ, cl)
-    plan = make_plan(cfg, sg, cl, env, args.config, list(args.overrides))
+    try:
+        cfg, sg, cl = load_run_config(args.config, args.overrides)
+        env = resolve_env(os.environ, cl)
+        plan = make_plan(cfg, sg, cl, env, args.config, list(args.overrides))
+    except ValueError as e:  # ConfigError included: one line naming the key and the fix, no traceback
+        print(f"tropd launch: {e}", file=sys.stderr)
+        return 2
     print(describe(plan, memory_summary(cfg, plan, args.student_arch, args.teacher_arch)), flush=True)
     if args.dry_run:
         return 0
