@@ -135,7 +135,7 @@ def ref_term(inp, cfg, i, t):
         return ref_pg(lp_s, lp_old, max(r, floor), clip)
     if cfg.name == "eopd":
         loss = ref_pg(lp_s, lp_old, r, clip) if math.isfinite(r) else zero
-        if float(inp.ent_t[i, t]) > cfg.eopd_tau:
+        if float(inp.ent_t[i, t]) >= cfg.eopd_tau:  # inclusive gate, as the official EOPD code
             order = sorted(range(inp.tk_lp.shape[-1]), key=lambda v: -float(inp.tk_lp[i, t, v]))[:cfg.eopd_topk]
             p = [math.exp(float(inp.tk_lp[i, t, v])) for v in order]
             z = sum(p)
@@ -405,7 +405,7 @@ def test_eopd_gate_switches_at_tau():
                                         torch.tensor(math.nextafter(tau, 0.0), dtype=torch.float64))).expand_as(onp)
     _, grads, m = run(inp, ObjectiveConfig(name="eopd", eopd_topk=6, eopd_tau=tau))
     gated = (grads[1].abs().sum(-1) > 0)
-    expect = onp & (torch.arange(onp.shape[1]) % 3 == 1)
+    expect = onp & (torch.arange(onp.shape[1]) % 3 <= 1)  # H_T == tau and H_T > tau are gated (>=)
     assert torch.equal(gated, expect)
     assert float(m["eopd_gate_frac"][0]) == expect.sum()
 

@@ -11,11 +11,20 @@ TRUST_LOGPROBS = ("old", "rollout")
 ENTROPY_SOURCES = ("student", "teacher")
 FULL_VOCAB_KINDS = ("forward", "reverse", "jsd")
 AGGREGATIONS = ("token_mean", "sequence_mean")
+# REOPOLD has no released code and transcriptions of its reward floor disagree (docs/objectives.md, REOPOLD):
+#   "log_lambda_div": log(lambda) / (1 - lambda)   (METHOD.md's reading, the project default; -2.558 at 0.1)
+#   "log_odds":       log(lambda / (1 - lambda))   (the other transcription; -2.197 at 0.1)
+FLOOR_FORMS = ("log_lambda_div", "log_odds")
 
 
-def reopold_floor(lam: float) -> float:
-    """REOPOLD's reward floor log(lambda) / (1 - lambda); lambda = 0.1 gives about -2.558."""
-    return math.log(lam) / (1.0 - lam)
+def reopold_floor(lam: float, form: str = "log_lambda_div") -> float:
+    """REOPOLD's reward floor: log(lambda) / (1 - lambda) (default; lambda = 0.1 gives about -2.558) or, with
+    form="log_odds", log(lambda / (1 - lambda)) (about -2.197 at lambda = 0.1)."""
+    if form == "log_lambda_div":
+        return math.log(lam) / (1.0 - lam)
+    if form == "log_odds":
+        return math.log(lam / (1.0 - lam))
+    raise ValueError(f"unknown REOPOLD floor form {form!r}; valid: {', '.join(FLOOR_FORMS)}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,8 @@ class ObjectiveConfig:
     clip_eps_low: float = 0.2  # rho clipped to [1 - eps_low, 1 + eps_high]
     clip_eps_high: float = 0.2  # upper clip: rho <= 1 + eps_high
     # --- REOPOLD / TrOPD "clip" outliers ------------------------------------------------------------------------
-    reopold_lambda: float = 0.1  # floor = log(lambda) / (1 - lambda)
+    reopold_lambda: float = 0.1  # floor from lambda, in the form reopold_floor_form
+    reopold_floor_form: str = "log_lambda_div"  # log_lambda_div: log(l)/(1-l) (-2.558) | log_odds: log(l/(1-l))
     floor: float | None = None  # overrides the floor computed from reopold_lambda
     mask_clipped: bool = False  # REOPOLD "Mask Outlier" variant: drop tokens with r_t < floor
     switch_step: int | None = None  # REOPOLD two-stage: from this step on keep only the top entropy_frac H_S
@@ -42,7 +52,7 @@ class ObjectiveConfig:
     entropy_frac: float = 0.2  # keep this fraction of highest-entropy on-policy tokens (global per step)
     entropy_source: str = "student"  # entropy_opd: rank by "student" (H_S) or "teacher" (H_T) entropy
     # --- EOPD --------------------------------------------------------------------------------------------------
-    eopd_tau: float = 0.8  # gate 1[H_T > tau] (nats)
+    eopd_tau: float = 0.8  # gate 1[H_T >= tau] (nats; inclusive, as the official EOPD code)
     eopd_alpha: float = 1.0  # weight of the gated top-k forward KL
     eopd_topk: int = 16  # k of EOPD's renormalised teacher top-k
     # --- JSD / full vocabulary ----------------------------------------------------------------------------------
@@ -63,6 +73,7 @@ class ObjectiveConfig:
         choice("entropy_source", ENTROPY_SOURCES)
         choice("full_vocab_kind", FULL_VOCAB_KINDS)
         choice("aggregation", AGGREGATIONS)
+        choice("reopold_floor_form", FLOOR_FORMS)
         for field in ("topk", "eopd_topk"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -86,8 +97,8 @@ class ObjectiveConfig:
 
     @property
     def reward_floor(self) -> float:
-        """The REOPOLD / TrOPD-clip floor: `floor` if set, else log(lambda) / (1 - lambda)."""
-        return self.floor if self.floor is not None else reopold_floor(self.reopold_lambda)
+        """The REOPOLD / TrOPD-clip floor: `floor` if set, else from reopold_lambda in reopold_floor_form."""
+        return self.floor if self.floor is not None else reopold_floor(self.reopold_lambda, self.reopold_floor_form)
 
     @property
     def use_ppo_clip(self) -> bool:

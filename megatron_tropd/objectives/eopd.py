@@ -10,15 +10,16 @@ from .opd import opd_term
 
 
 def eopd(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
-    """EOPD: L_t = L_OPD,clip(eps=0.2) + alpha * 1[H_T > tau] * FKL_k,
+    """EOPD: L_t = L_OPD,clip(eps=0.2) + alpha * 1[H_T >= tau] * FKL_k,
 
     FKL_k = sum_{v in TopK_T} q_v (log q_v - sk_lp_v), q = teacher top-k renormalised (k = 16, tau = 0.8,
     alpha = 1). The FKL is differentiated directly w.r.t. the student's top-k log-probs (not a reward).
-    The gate is strict: H_T == tau is off.
+    The gate is inclusive (H_T == tau is on), as in the official EOPD code; H_T is the teacher's entropy over the
+    full (real) vocabulary at the rollout temperature (`ent_t`, from ops.entropy on the teacher's logits shards).
     """
     mask = inputs.on_policy_mask
     opd_loss, m = opd_term(inputs.lp_s, inputs.lp_old, inputs.lp_t, mask, cfg.ppo_clip_range)
-    gate = mask & (safe(inputs.ent_t.detach(), mask) > cfg.eopd_tau)
+    gate = mask & (safe(inputs.ent_t.detach(), mask) >= cfg.eopd_tau)
     tk_lp, sk_lp = select_topk(inputs.tk_lp, inputs.sk_lp, cfg.eopd_topk)
     fkl = topk_forward_kl(tk_lp, sk_lp, gate, renormalize=True)
     loss = opd_loss + cfg.eopd_alpha * fkl
