@@ -52,14 +52,16 @@ def _reference_grad(groups, weights, objective_cfg):
     return {"grads": grads, "norm": norm}
 
 
-def _step(groups, weights, objective_cfg, micro_batch_size, clip_grad=0.0, minibatches=1):
+def _step(groups, weights, objective_cfg, micro_batch_size, clip_grad=0.0, minibatches=1, dtype="float32",
+          recompute=False, sequence_parallel=False):
     student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
-                            OptimConfig(lr=1e-3, clip_grad=clip_grad), total_updates=minibatches)
+                            OptimConfig(lr=1e-3, clip_grad=clip_grad), total_updates=minibatches, dtype=dtype,
+                            recompute=recompute, sequence_parallel=sequence_parallel)
     opts = StepOptions(temperature=OPTS.temperature, vocab_size=VOCAB, micro_batch_size=micro_batch_size,
                        minibatches_per_update=minibatches)
     teacher = MegatronTeacherScorer(
-        build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups)), groups,
-        opts.score)
+        build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups),
+                      sequence_parallel=sequence_parallel), groups, opts.score)
     mine = build_batch(_samples(), pad_id=0).dp_shard(groups.dp_size, groups.dp_rank, minibatches)
     metrics = distill_step(student, teacher, mine, build_objective(objective_cfg), groups, 0, opts)
     # what the optimizer applied: the (clipped) gradients it holds after the step
@@ -120,3 +122,26 @@ def test_grad_norm_of_every_optimizer_step_is_logged(weights):
     out = run_distributed(_step, 1, args=(weights, OBJECTIVE, 2), kwargs={"minibatches": 2})[0]["metrics"]
     assert out["grad_norm/max"] >= out["grad_norm"] > 0  # grad_norm is the mean over the 2 optimizer steps
     assert out["optimizer_steps"] == 2
+
+
+# The GPU recipes' settings (examples/configs): sequence parallelism, full activation recompute, bf16 parameters with
+# fp32 main gradients. Same gradient as the plain float32 reference (bf16: to bf16 precision).
+RECIPE_SETTINGS = [  # (id, world, tp, pp, mbs, kwargs, rel)
+    ("tp2-sp", 2, 2, 1, 2, {"sequence_parallel": True}, 1e-5),
+    ("recompute-pp2", 2, 1, 2, 1, {"recompute": True}, 1e-5),
+    ("bf16-dp2", 2, 1, 1, 2, {"dtype": "bfloat16"}, 3e-2),
+]
+
+
+@pytest.mark.parametrize("world,tp,pp,mbs,kwargs,rel", [r[1:] for r in RECIPE_SETTINGS],
+                         ids=[r[0] for r in RECIPE_SETTINGS])
+def test_recipe_settings_give_the_reference_gradient(weights, reference, world, tp, pp, mbs, kwargs, rel):
+    outs = run_distributed(_step, world, tp=tp, pp=pp, args=(weights, OBJECTIVE, mbs), kwargs=kwargs)
+    for out in outs:
+        assert out["metrics"]["grad_norm"] == pytest.approx(reference["norm"], rel=rel)
+    if rel <= 1e-5:
+        _assert_grads(outs[0]["grads"], reference["grads"])
+    else:  # bf16 weights: the fp32 main gradient points the same way as the float32 reference's
+        got = torch.cat([_trim(n, outs[0]["grads"][n]).flatten() for n in reference["grads"]])
+        ref = torch.cat([_trim(n, g).flatten() for n, g in reference["grads"].items()])
+        assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.999

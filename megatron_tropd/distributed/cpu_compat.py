@@ -25,18 +25,28 @@ Further spots, found beyond the four above once RoPE, the local-spec attention a
    on the first forward, and
 6. `transformer/utils.py::get_default_causal_mask` builds the causal mask with `device="cuda"`, and
 7. `tensor_parallel/mappings.py` allocates all-gather outputs on `torch.cuda.current_device()` (gathering
-   logits in tests and baselines, sequence parallelism)
-   -> all three get the same `torch` proxy.
+   logits in tests and baselines, sequence parallelism), and
+7b. `tensor_parallel/layers.py`'s sequence-parallel backward (`LinearWithGradAccumulationAndAsyncCommunication`)
+   all-gathers the input again on `torch.cuda.current_device()`
+   -> all four get the same `torch` proxy.
 8. The training stack: `distributed/param_and_grad_buffer.py` and `distributed/distributed_data_parallel.py`
    (DDP grad buffers on `torch.cuda.current_device()`), `optimizer/optimizer.py` and `optimizer/clip_grads.py`
    (`device='cuda'` scalars for the loss scale, found-inf flag and grad norm) -> the same `torch` proxy;
    `clip_grads.clip_grad_by_total_norm_fp32` asserts `grad.type() == 'torch.cuda.FloatTensor'` -> the same
    in-place scaling by max_norm / (total_norm + 1e-6), asserting float32 on any device (`_clip_grads_fp32`).
 
-Two more are scoped to the call that needs them (context managers below, no-ops with CUDA):
+9. `tensor_parallel/random.py`'s activation recompute saves/restores the CUDA generator state
+   -> an empty placeholder state and a no-op restore (the CPU generator and the tracker's states are still saved
+   and restored by megatron itself).
+
+Three more are scoped to the call that needs them (context managers below, no-ops with CUDA):
 - `tensor_cuda_is_noop()` around GPTModel construction: with tied embeddings and PP > 1 megatron calls
   `weight.data.cuda()` before the embedding-group all-reduce;
-- `dist_checkpoint_save()` around `dist_checkpointing.save`: CUDA calls in its writer and a spawned results queue.
+- `dist_checkpoint_save()` around `dist_checkpointing.save`: CUDA calls in its writer and a spawned results queue;
+- `cuda_tensor_type_names()` around `get_megatron_optimizer`: the DistributedOptimizer (and the mixed-precision
+  optimizer) sort parameters by `param.type()` and accept only 'torch.cuda.{Float,Half,BFloat16}Tensor'; that is the
+  only obstacle to megatron's DistributedOptimizer on gloo (measured with torch 2.14.1: gloo runs the
+  reduce_scatter_tensor / all_gather_into_tensor / _coalescing_manager calls of its grad and param buffers).
 """
 from __future__ import annotations
 
@@ -148,6 +158,7 @@ _PROXIED_MODULES = (
     "models.common.embeddings.rotary_pos_embedding",
     "transformer.utils",
     "tensor_parallel.mappings",
+    "tensor_parallel.layers",  # sequence-parallel backward all-gathers into torch.cuda.current_device()
     "distributed.param_and_grad_buffer",
     "distributed.distributed_data_parallel",
     "optimizer.optimizer",
@@ -168,6 +179,10 @@ def apply() -> None:
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # 9. activation recompute (`CheckpointFunction`) saves and restores the CUDA generator beside the CPU one and
+    # the tracker's states; on CPU there is no CUDA generator: an empty placeholder state, restored as a no-op.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     proxy = _make_torch_proxy()
     for name in _PROXIED_MODULES:
         importlib.import_module(f"megatron.core.{name}").torch = proxy
@@ -227,3 +242,30 @@ def dist_checkpoint_save():
     finally:
         proc._config["daemon"] = was
         torch.cuda.synchronize, torch.cuda.current_device = sync, current
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def cuda_tensor_type_names():
+    """While building megatron's optimizer: `t.type()` (no arguments) of a CPU float32/float16/bfloat16 tensor names
+    the CUDA tensor type of that dtype, as megatron's optimizers check (`distrib_optimizer.py`
+    `_build_model_and_main_param_groups` and `__init__`, `optimizer.py` `Float16OptimizerWithFloat16Params`).
+    `t.type(dtype)` conversions and every other tensor are unchanged; nothing after construction calls it."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original

@@ -81,12 +81,46 @@ def transformer_config(arch: ModelArch, groups: ParallelGroups, opts: BuildOptio
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(arch: ModelArch, use_te: bool):
+class LocalNorm:
+    """The local spec's RMSNorm / LayerNorm (torch) that also runs under sequence parallelism: megatron-core's
+    `WrappedTorchNorm` refuses `sequence_parallel`, although only one thing is missing -- the norm weights must be
+    marked `sequence_parallel` so that `finalize_model_grads` sums their gradients over TP (each TP rank sees a
+    slice of the sequence), which is what Transformer Engine's norms do. Used on CPU and on GPUs without TE."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = cls.marks_sequence_parallel and config.sequence_parallel
+        return norm
+
+    marks_sequence_parallel = True
+
+
+class LocalQKNorm(LocalNorm):
+    """Query/key norms act per head on the gathered sequence: megatron sums their gradients over TP by name."""
+
+    marks_sequence_parallel = False
+
+
+def layer_spec(arch: ModelArch, use_te: bool, config=None, pp_rank: int | None = None):
+    """The layer spec (TE) or, for the local spec, the block's submodules with `LocalNorm` everywhere."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalNorm
+    attention = layer.self_attention.submodules
+    if attention.q_layernorm is not IdentityOp:
+        attention.q_layernorm = attention.k_layernorm = LocalQKNorm
+    if config is None:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, pp_rank=pp_rank),
+                                      layer_norm=LocalNorm)
 
 
 def build_gpt_model(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions | None = None):
@@ -114,7 +148,7 @@ def build_gpt_model(arch: ModelArch, groups: ParallelGroups, opts: BuildOptions 
 def _gpt_model(GPTModel, arch, groups, config, use_te, rope_type, rope_scaling):
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te),
+        transformer_layer_spec=layer_spec(arch, use_te, config, groups.pp_rank),
         vocab_size=arch.padded_vocab_size(groups.tp_size),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=groups.is_first_stage,
