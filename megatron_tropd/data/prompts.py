@@ -3,6 +3,8 @@ tokenizer has one), split off a held-out eval set, and sample seeded, resumable 
 
 Bad rows (missing field, empty prompt, too long, invalid JSON) are reported with file and line number: a warning
 and the row is skipped (`on_bad_row: skip`), or a `DataError` naming file, line, field, expected vs found (`fail`).
+A source that leaves no usable prompt (missing file, unknown task, every row bad, eval split too large) is a
+one-line `DataError` naming the `data.*` key, its value and the fix (what `tropd train` prints at start-up).
 """
 from __future__ import annotations
 
@@ -100,11 +102,22 @@ class _Row:
     score_fn: ScoreFn | None
 
 
-def _bad(cfg: DataConfig, where: str, field_name: str, expected: str, found: str) -> None:
+@dataclass
+class _BadRows:
+    """The bad rows seen while loading one source (for the error when none is usable)."""
+
+    count: int = 0
+    first: str = ""
+
+
+def _bad(cfg: DataConfig, where: str, field_name: str, expected: str, found: str, seen: _BadRows | None = None) -> None:
     msg = f"{where}: bad prompt row: field {field_name!r}: expected {expected}, found {found}"
     if cfg.on_bad_row == "fail":
         raise DataError(msg + " (set data.on_bad_row=skip to skip bad rows)")
     logger.warning("%s; skipped", msg)
+    if seen is not None:
+        seen.count += 1
+        seen.first = seen.first or msg
 
 
 def _short(v: Any) -> str:
@@ -112,28 +125,28 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _row_from_record(cfg: DataConfig, rec: Any, where: str) -> _Row | None:
+def _row_from_record(cfg: DataConfig, rec: Any, where: str, seen: _BadRows) -> _Row | None:
     if not isinstance(rec, dict):
-        _bad(cfg, where, "<row>", "a JSON object", type(rec).__name__)
+        _bad(cfg, where, "<row>", "a JSON object", type(rec).__name__, seen)
         return None
     if cfg.prompt_field not in rec:
-        _bad(cfg, where, cfg.prompt_field, "a non-empty string", f"missing (keys: {sorted(rec)[:8]})")
+        _bad(cfg, where, cfg.prompt_field, "a non-empty string", f"missing (keys: {sorted(rec)[:8]})", seen)
         return None
     prompt = rec[cfg.prompt_field]
     if not isinstance(prompt, str) or not prompt.strip():
-        _bad(cfg, where, cfg.prompt_field, "a non-empty string", _short(prompt))
+        _bad(cfg, where, cfg.prompt_field, "a non-empty string", _short(prompt), seen)
         return None
     answer = None
     if cfg.answer_field is not None:
         if cfg.answer_field not in rec or rec[cfg.answer_field] is None:
-            _bad(cfg, where, cfg.answer_field, "a reference answer", "missing")
+            _bad(cfg, where, cfg.answer_field, "a reference answer", "missing", seen)
             return None
         answer = str(rec[cfg.answer_field])
     meta = {k: v for k, v in rec.items() if k not in (cfg.prompt_field, cfg.answer_field)}
     return _Row(where, prompt, answer, meta, exact_match_score(answer) if answer is not None else None)
 
 
-def _iter_jsonl(cfg: DataConfig, path: Path) -> Iterator[_Row]:
+def _iter_jsonl(cfg: DataConfig, path: Path, seen: _BadRows) -> Iterator[_Row]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -142,21 +155,25 @@ def _iter_jsonl(cfg: DataConfig, path: Path) -> Iterator[_Row]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                _bad(cfg, where, "<row>", "valid JSON", f"invalid JSON ({e.msg} at column {e.colno})")
+                _bad(cfg, where, "<row>", "valid JSON", f"invalid JSON ({e.msg} at column {e.colno})", seen)
                 continue
-            row = _row_from_record(cfg, rec, where)
+            row = _row_from_record(cfg, rec, where, seen)
             if row is not None:
                 yield row
 
 
-def _iter_parquet(cfg: DataConfig, path: Path) -> Iterator[_Row]:
+def _iter_parquet(cfg: DataConfig, path: Path, seen: _BadRows) -> Iterator[_Row]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise DataError(f"data.path={path}: not a readable Parquet file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check data.path and data.source") from None
     if cfg.prompt_field not in table.column_names:  # a missing column is a config error, not a bad row
         raise DataError(f"{path}: no column {cfg.prompt_field!r} (data.prompt_field); columns: {table.column_names}")
     for i, rec in enumerate(table.to_pylist()):
-        row = _row_from_record(cfg, rec, f"{path}:row {i + 1}")  # 1-based data row number
+        row = _row_from_record(cfg, rec, f"{path}:row {i + 1}", seen)  # 1-based data row number
         if row is not None:
             yield row
 
@@ -167,7 +184,8 @@ def _iter_reasoning_gym(cfg: DataConfig, n: int) -> Iterator[_Row]:
     try:
         ds = reasoning_gym.create_dataset(cfg.task, size=n, seed=cfg.seed)
     except Exception as e:  # unknown task names raise deep inside the registry
-        raise ValueError(f"reasoning_gym.create_dataset({cfg.task!r}) failed: {e}; check data.task") from e
+        raise DataError(f"data.task={cfg.task!r}: reasoning_gym.create_dataset failed ({e}); check data.task "
+                        f"(a reasoning-gym dataset name such as basic_arithmetic, chain_sum, gsm_symbolic)") from None
     for i in range(n):
         entry = ds[i]
         where, meta = f"reasoning_gym:{cfg.task}[{i}]", dict(entry.get("metadata") or {})
@@ -182,16 +200,18 @@ class PromptDataset:
     def __init__(self, cfg: DataConfig, tokenizer: Any):
         self.cfg = cfg
         want = None if cfg.size is None else cfg.size + cfg.eval_size
+        bad = _BadRows()
         if cfg.source == "reasoning_gym":
             if cfg.size is None:
-                raise ValueError("data.size must be set for source=reasoning_gym (number of generated prompts)")
+                raise DataError("data.size=None: set data.size for source=reasoning_gym (number of generated prompts)")
             # Generate extra so that skipped rows / duplicate questions still leave `want` distinct prompts.
             rows = _iter_reasoning_gym(cfg, int(want * 1.2) + 16)
         else:
             path = Path(cfg.path)
             if not path.is_file():
-                raise ValueError(f"data.path {path} does not exist (source={cfg.source})")
-            rows = _iter_jsonl(cfg, path) if cfg.source == "jsonl" else _iter_parquet(cfg, path)
+                raise DataError(f"data.path={path}: {'is a directory' if path.is_dir() else 'does not exist'} "
+                                f"(data.source={cfg.source}); point data.path at a .{cfg.source} file")
+            rows = _iter_jsonl(cfg, path, bad) if cfg.source == "jsonl" else _iter_parquet(cfg, path, bad)
 
         prompts: list[Prompt] = []
         seen: set[str] = set()
@@ -199,7 +219,7 @@ class PromptDataset:
             text, ids = build_prompt(tokenizer, chat_messages(row.prompt, cfg.system_prompt), cfg.use_chat_template)
             if cfg.max_prompt_tokens is not None and len(ids) > cfg.max_prompt_tokens:
                 _bad(cfg, row.where, cfg.prompt_field, f"at most {cfg.max_prompt_tokens} tokens (data.max_prompt_tokens)",
-                     f"{len(ids)} tokens")
+                     f"{len(ids)} tokens", bad)
                 continue
             if text in seen:  # duplicates would leak between train and eval
                 continue
@@ -209,9 +229,17 @@ class PromptDataset:
             if want is not None and len(prompts) >= want:
                 break
         if not prompts:
-            raise ValueError(f"no usable prompts from {cfg.source} {cfg.path or cfg.task}")
+            where = f"data.path={cfg.path}" if cfg.source != "reasoning_gym" else f"data.task={cfg.task}"
+            if bad.count:
+                raise DataError(f"{where}: no usable prompts: all {bad.count} rows are bad rows (each reported above "
+                                f"with file:line; the first: {bad.first}); fix the rows, or data.prompt_field="
+                                f"{cfg.prompt_field!r} / data.answer_field={cfg.answer_field!r} / "
+                                f"data.max_prompt_tokens={cfg.max_prompt_tokens} if they name the wrong thing")
+            raise DataError(f"{where}: no usable prompts (the source is empty); point data.path at a file with rows")
         if cfg.eval_size >= len(prompts):
-            raise ValueError(f"data.eval_size={cfg.eval_size} leaves no training prompts ({len(prompts)} usable)")
+            raise DataError(f"data.eval_size={cfg.eval_size} leaves no training prompts ({len(prompts)} usable "
+                            f"prompts from data.{'path' if cfg.source != 'reasoning_gym' else 'task'}); make "
+                            f"data.eval_size smaller than {len(prompts)}")
         # Seeded split: a permutation of ids; the eval set is its tail. Ids stay the dataset indices.
         order = list(range(len(prompts)))
         random.Random(cfg.seed).shuffle(order)

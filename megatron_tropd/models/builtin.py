@@ -107,13 +107,14 @@ def resolve_model_path(path: str, cache_dir: Path) -> Path:
     """An HF checkpoint dir, or a built-in model materialised offline into `cache_dir`."""
     if path.startswith(BUILTIN_PREFIX):
         name = path.removeprefix(BUILTIN_PREFIX)
+        every = name.removeprefix("smollm2-135m-instruct:every")  # the name is checked before anything is written
+        if name != "smollm2-135m-instruct" and (every == name or not every.isdigit() or int(every) < 1):
+            raise ValueError(f"unknown builtin model {path!r}; known: builtin:smollm2-135m-instruct[:everyK], K >= 1")
         base = materialize_smollm2(cache_dir / "smollm2-135m-instruct")
         if name == "smollm2-135m-instruct":
             return base
-        if name.startswith("smollm2-135m-instruct:every"):
-            k = int(name.rsplit("every", 1)[1])
-            return make_layer_subset_student(base, cache_dir / f"smollm2-135m-instruct-every{k}", keep_every=k)
-        raise ValueError(f"unknown builtin model {path!r}; known: builtin:smollm2-135m-instruct[:everyK]")
+        k = int(every)
+        return make_layer_subset_student(base, cache_dir / f"smollm2-135m-instruct-every{k}", keep_every=k)
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model path {path!r} is not an HF checkpoint directory (no config.json)")

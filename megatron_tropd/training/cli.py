@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 # Megatron-style flags: shorthands for config keys (flag, key, type)
 MEGATRON_FLAGS = (
@@ -42,16 +43,20 @@ def flag_overrides(args) -> list[str]:
 
 
 def run(args) -> int:
+    """Exit status 0 on success, 2 for bad input: one line `tropd train: <message>` naming the key, the value and
+    the fix, no traceback (the start-up checks of training/preflight.py run before any model is built)."""
     from megatron_tropd.config import ConfigError, load_config
+    from megatron_tropd.data import DataError
     from megatron_tropd.training.loop import train
 
     try:
         overrides = flag_overrides(args) + list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"tropd train: {e}")
-    quiet_libraries()
-    summary = train(cfg)
+        quiet_libraries()
+        summary = train(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"tropd train: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0 if summary is not None else 1
 
 

@@ -1,7 +1,8 @@
 """Everything a run builds once, in one place: `build_run(cfg) -> Run`.
 
-    groups -> model dirs (built-ins materialised by rank 0 first) -> vocabulary check -> tokenizer
-    -> objective -> student (DDP + optimizer + scheduler) and teacher scorer -> data and sampler
+    start-up checks (training/preflight.py: config, model dirs and config.json, layouts, tokenizer and vocabulary,
+    prompt data, held-out split; built-ins materialised into the cache; no model, no process group) -> groups
+    -> student (DDP + optimizer + scheduler) and teacher scorer -> sampler
     -> resume (model, optimizer, scheduler, RNG, sampler) -> rollout engines (+ first weight sync)
     -> metrics logger (rank 0) -> held-out evaluation
 
@@ -14,23 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_tropd.config import Config, save_config
 from megatron_tropd.conversion.megatron_io import load_megatron_checkpoint
 from megatron_tropd.data import PromptDataset, PromptSampler
 from megatron_tropd.distributed import parallel
 from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.evaluation.heldout import HeldOutEval, HeldOutOptions
-from megatron_tropd.models.arch import ModelArch, align_vocab_padding
-from megatron_tropd.models.builtin import default_cache_dir, resolve_model_path
-from megatron_tropd.models.hf_mapping import arch_from_hf_config
-from megatron_tropd.objectives import Objective, PrefixOptions, build_objective
+from megatron_tropd.models.arch import ModelArch
+from megatron_tropd.objectives import Objective, PrefixOptions
 from megatron_tropd.rollout.base import SamplingParams
 from megatron_tropd.rollout.factory import build_engines, sync_weights
 from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
 from megatron_tropd.training.metrics import MetricsLogger
-from megatron_tropd.training.roles import Student, build_student, build_teacher, check_vocab_compatible, hf_loader
+from megatron_tropd.training.preflight import preflight
+from megatron_tropd.training.roles import Student, build_student, build_teacher, hf_loader
 from megatron_tropd.training.scoring import MegatronTeacherScorer, TeacherScorer
 from megatron_tropd.training.step import StepOptions
 
@@ -69,18 +67,6 @@ class Run:
             self.logger.close()
 
 
-def _model_dirs(cfg: Config, groups: ParallelGroups) -> tuple[Path, Path]:
-    """Rank 0 materialises built-in models first; the others then find them complete in the cache."""
-    cache = default_cache_dir()
-
-    def resolve():
-        return resolve_model_path(cfg.student.path, cache), resolve_model_path(cfg.teacher.path, cache)
-
-    dirs = resolve() if groups.rank == 0 else None
-    dist.barrier()
-    return dirs if dirs is not None else resolve()
-
-
 def _weight_loader(model_cfg, hf_dir: Path, arch: ModelArch, groups: ParallelGroups):
     if model_cfg.megatron_checkpoint:
         return lambda model: load_megatron_checkpoint(model, model_cfg.megatron_checkpoint, groups)
@@ -88,19 +74,13 @@ def _weight_loader(model_cfg, hf_dir: Path, arch: ModelArch, groups: ParallelGro
 
 
 def build_run(cfg: Config) -> Run:
-    from transformers import AutoTokenizer
-
+    inputs = preflight(cfg)  # config, config.json, tokenizer, prompt data; no model yet: ConfigError / DataError
     groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                                  seed=cfg.train.seed)
-    student_dir, teacher_dir = _model_dirs(cfg, groups)
-    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
-    s_arch, t_arch = arch_from_hf_config(student_dir), arch_from_hf_config(teacher_dir)
-    vocab = check_vocab_compatible(student_dir, teacher_dir, s_arch, t_arch, len(tokenizer))  # the real vocabulary
-    s_arch, t_arch = align_vocab_padding(s_arch, t_arch)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
+    student_dir, teacher_dir, tokenizer = inputs.student_dir, inputs.teacher_dir, inputs.tokenizer
+    s_arch, t_arch, vocab = inputs.student_arch, inputs.teacher_arch, inputs.vocab  # vocab: the real vocabulary
+    pad_id, stop_ids, objective, dataset = inputs.pad_id, inputs.stop_ids, inputs.objective, inputs.dataset
 
-    objective = build_objective(cfg.objective)
     updates = cfg.train.steps * cfg.optim.updates_per_batch * cfg.optim.minibatches_per_update
     student = build_student(s_arch, groups, _weight_loader(cfg.student, student_dir, s_arch, groups), cfg.optim,
                             updates, dtype=cfg.student.dtype, recompute=cfg.student.recompute_activations,
@@ -115,7 +95,6 @@ def build_run(cfg: Config) -> Run:
                       dtype=cfg.teacher.dtype, sequence_parallel=cfg.parallel.sequence_parallel),
         groups, step_opts.score)
 
-    dataset = PromptDataset(cfg.data, tokenizer)
     sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
     run_dir = Path(cfg.train.run_dir)
     start = _resume(cfg, run_dir, student, sampler, groups)
