@@ -7,17 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from megatron_tropd.atomic import fresh_tmp, publish, tmp_sibling
 from megatron_tropd.conversion.hf_io import copy_tokenizer
 from megatron_tropd.distributed import cpu_compat
 from megatron_tropd.models.arch import ModelArch
-from megatron_tropd.models.hf_mapping import ARCH_FILE, EMBEDDING, HF_SUBDIR, OUTPUT, arch_from_json, arch_to_json
-
-
-def _vocab_keys() -> tuple[str, str]:
-    return EMBEDDING, OUTPUT
+from megatron_tropd.models.hf_mapping import ARCH_FILE, HF_SUBDIR, arch_from_json, arch_to_json
 
 
 def save_megatron_checkpoint(model, ckpt_dir: str | Path, groups, arch: ModelArch | None = None,
@@ -60,35 +54,24 @@ def save_megatron_checkpoint(model, ckpt_dir: str | Path, groups, arch: ModelArc
 
 
 def load_megatron_checkpoint(model, ckpt_dir: str | Path, groups) -> None:
-    """Load a checkpoint written by `save_megatron_checkpoint` at any TP/PP into `model` (built for this run's
-    TP/PP). The padded vocabulary depends on TP, so when the saved embedding / output layer rows differ from this
-    model's, those two tensors are read whole and re-padded (`fit_vocab_rows`) before sharding. Collective."""
+    """Load a megatron-core dist checkpoint (written by `save_megatron_checkpoint` or a training checkpoint of
+    `training.checkpoint`) saved at any TP/PP into `model` (built for this run's TP/PP). Collective.
+
+    The padded vocabulary depends on TP (and on `ModelArch.pad_vocab_to`), so the saved embedding / output-layer
+    row count may differ from this model's. megatron marks those two tensors `allow_shape_mismatch`: each rank reads
+    the saved rows that overlap its own shard and zero-fills rows past the saved ones (only padding rows differ:
+    ids >= the real vocabulary). Every shard keeps megatron's own replica id, so exactly one rank is the main
+    replica of each piece (reading the whole tensor on every TP rank with one replica id is an invalid access
+    pattern for dist_checkpointing)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron_tropd.models.sharding import fit_vocab_rows, shard
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron distributed checkpoint (no metadata.json)")
-    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    sharded = model.sharded_state_dict()
-    refits = {}  # state-dict key -> (param, full placeholder)
-    for key, sh in list(sharded.items()):
-        if not isinstance(sh, ShardedTensor) or sh.key not in _vocab_keys() or sh.key not in saved:
-            continue
-        saved_shape = tuple(saved[sh.key].global_shape)
-        if saved_shape == tuple(sh.global_shape):
-            continue
-        whole = torch.empty(saved_shape, dtype=sh.data.dtype)
-        sharded[key] = ShardedTensor.from_rank_offsets(sh.key, whole, replica_id=sh.replica_id)
-        refits[key] = sh.data
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
-    params = dict(model.named_parameters())
-    for key, target in refits.items():
-        full = fit_vocab_rows(loaded[key], target.shape[0] * groups.tp_size)
-        ref = params.get(key)
-        loaded[key] = shard(full, ref if ref is not None else target, groups.tp_rank, groups.tp_size).clone()
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    request = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(ckpt_dir))
+    # only the model's entries: a training checkpoint also has optimizer and scheduler (common) state
+    missing, unexpected = model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:4]}, "

@@ -52,12 +52,25 @@ def run(args) -> int:
     try:
         overrides = flag_overrides(args) + list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides)
+        check_resume(cfg)
         quiet_libraries()
         summary = train(cfg)
     except (ConfigError, DataError) as e:
         print(f"tropd train: {e}", file=sys.stderr, flush=True)
         return 2
     return 0 if summary is not None else 1
+
+
+def check_resume(cfg) -> None:
+    """With train.resume, refuse a config that changes the objective, models or data of the checkpoint's run
+    before any model loads (`training.checkpoint.check_resume_config`; `build_run` checks again)."""
+    if not cfg.train.resume:
+        return
+    from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint
+
+    ckpt = latest_checkpoint(cfg.train.run_dir)
+    if ckpt is not None:
+        check_resume_config(ckpt, cfg)
 
 
 def quiet_libraries() -> None:
