@@ -52,14 +52,15 @@ CONFIG_FILE = "config.yaml"
 # PP and DP, gathered over gloo to DP rank 0 (not all-gathered on every rank's device) on save.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True, "chained_optim_avoid_prefix": True}
-# What a resumed run must share with its checkpoint: what is optimised, on which models and data, sampled how.
-# Everything else may change on resume: parallel layout, optimizer hyper-parameters and LR schedule, train.steps /
-# save_interval / keep_last, eval, rollout engine, sglang, cluster.
+# What a resumed run must share with its checkpoint: what is optimised, on which models and data, sampled how, and
+# the optimizer-state format (the distributed optimizer stores fp32 main weights that the plain fp32 one has not).
+# Everything else may change on resume: TP/PP/DP layout, sequence parallelism, optimizer hyper-parameters and LR
+# schedule, train.steps / save_interval / keep_last, eval, rollout engine, sglang, cluster.
 RESUME_MUST_MATCH = (
     "objective", "guidance", "data", "student.path", "student.megatron_checkpoint", "student.dtype",
     "teacher.path", "teacher.megatron_checkpoint", "teacher.dtype", "rollout.prompts_per_step",
     "rollout.samples_per_prompt", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
-    "rollout.stop_token_ids", "train.seed",
+    "rollout.stop_token_ids", "train.seed", "parallel.use_distributed_optimizer",
 )
 
 
@@ -227,8 +228,8 @@ def check_resume_config(path: str | Path, cfg) -> None:
     if diffs:
         raise ConfigError(f"cannot resume from {path}: this run changes {'; '.join(diffs)} (checkpoint -> this "
                           f"run); resume with the checkpoint's values (its {CONFIG_FILE}) or start a new "
-                          f"train.run_dir (only parallel, optim, train steps/intervals, eval, engine and cluster "
-                          f"settings may change on resume)")
+                          f"train.run_dir (the TP/PP/DP layout, optim, train steps/intervals, eval, engine and "
+                          f"cluster settings may change on resume)")
 
 
 # --- load ----------------------------------------------------------------------------------------------------------
