@@ -35,7 +35,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP for student and teacher (same layout: vocab shards coincide)
     pipeline_model_parallel_size: int = 1  # PP for student and teacher; data parallel = world / (TP * PP)
     sequence_parallel: bool = False  # megatron sequence parallelism (needs TP > 1)
-    use_distributed_optimizer: bool = False  # shard optimizer state over DP (megatron; GPU only)
+    use_distributed_optimizer: bool = False  # shard optimizer state over DP (megatron's; GPU or CPU/gloo)
 
 
 @dataclass
