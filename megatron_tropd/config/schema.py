@@ -17,7 +17,7 @@ from megatron_tropd.config.cluster import ClusterConfig, check_placement
 from megatron_tropd.config.errors import ConfigError
 from megatron_tropd.data import DataConfig
 from megatron_tropd.models.arch import DTYPE_BYTES
-from megatron_tropd.objectives import ObjectiveConfig
+from megatron_tropd.objectives import ObjectiveConfig, OfflineTerm
 from megatron_tropd.rollout.sglang_config import SGLangConfig
 
 
@@ -75,6 +75,26 @@ class GuidanceConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """Offline distillation on teacher-written rollouts (a warm-up, a stage of its own, or GKD-style mixing)."""
+
+    warmup_steps: int = 0  # first N steps train on teacher-written rollouts only (N = train.steps: an offline stage)
+    lambda_student: float = 1.0  # after the warm-up, student-written share of rollouts (GKD lmbda); 0 = offline only
+    divergence: str = "forward"  # full-vocabulary divergence on teacher-written tokens: forward | reverse | jsd
+    jsd_beta: float = 0.5  # divergence=jsd: m = beta * pi_T + (1 - beta) * pi_S, in (0, 1)
+
+    @property
+    def active(self) -> bool:
+        """True when some step has teacher-written rollouts."""
+        return self.warmup_steps > 0 or self.lambda_student < 1.0
+
+    def term(self) -> OfflineTerm | None:
+        """The objective's offline term (`build_objective(cfg.objective, offline=cfg.offline.term())`), None when
+        no step has teacher-written rollouts."""
+        return OfflineTerm(self.divergence, self.jsd_beta) if self.active else None
+
+
+@dataclass
 class EvalConfig:
     interval: int = 0  # evaluate every N steps (0 = only before and after training)
     samples_per_prompt: int = 1  # held-out rollouts per eval prompt
@@ -83,6 +103,7 @@ class EvalConfig:
     benchmark: str | None = None  # also run `tropd eval`'s harness: humaneval / rg:<task> / a JSONL or Parquet path
     benchmark_limit: int | None = 32  # problems of the benchmark used at each evaluation (None = all)
     benchmark_samples: int = 1  # samples per benchmark problem (reports avg@n and pass@1 / pass@n)
+    teacher_samples: bool = True  # also sample the teacher once on the held-out prompts: forward KL, agreement there
 
 
 @dataclass
@@ -106,6 +127,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -153,8 +175,44 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"guidance.prefix_fraction must be in [0, 1]; got {cfg.guidance.prefix_fraction}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    validate_offline(cfg)
     check_placement(cfg.sglang, cfg.cluster)
     return cfg
+
+
+def validate_offline(cfg: Config) -> None:
+    """The offline section: value ranges, the run length, and a teacher rollout engine that can write rollouts."""
+    off = cfg.offline
+    if not 0.0 <= off.lambda_student <= 1.0:
+        raise ConfigError(f"offline.lambda_student={off.lambda_student} is outside [0, 1]: it is the student's share "
+                          f"of each step's rollouts (GKD's lmbda; 1 = on-policy only, 0 = teacher-written only)")
+    if off.warmup_steps < 0:
+        raise ConfigError(f"offline.warmup_steps={off.warmup_steps} must be >= 0")
+    if off.warmup_steps > cfg.train.steps:
+        raise ConfigError(f"offline.warmup_steps={off.warmup_steps} is longer than the run (train.steps="
+                          f"{cfg.train.steps}); set offline.warmup_steps <= {cfg.train.steps} (equal to it for an "
+                          f"offline stage of its own) or raise train.steps")
+    _check_choice("offline", "divergence", off.divergence, ("forward", "reverse", "jsd"))
+    if off.divergence == "jsd" and not 0.0 < off.jsd_beta < 1.0:
+        raise ConfigError(f"offline.jsd_beta={off.jsd_beta} must be in (0, 1) with offline.divergence=jsd "
+                          f"(use divergence=forward or reverse for the limits)")
+    if not off.active:
+        return
+    what = f"offline distillation (offline.warmup_steps={off.warmup_steps}, offline.lambda_student=" \
+           f"{off.lambda_student}) needs teacher-written rollouts"
+    if cfg.rollout.engine == "sglang" and not cfg.sglang.teacher_urls and cfg.sglang.teacher_servers < 1:
+        raise ConfigError(f"{what}, but rollout.engine=sglang has no teacher server (sglang.teacher_urls is empty "
+                          f"and sglang.teacher_servers={cfg.sglang.teacher_servers}); set sglang.teacher_servers "
+                          f">= 1 or sglang.teacher_urls, or use offline.warmup_steps=0 offline.lambda_student=1")
+    if cfg.teacher.megatron_checkpoint:
+        raise ConfigError(f"{what} from the teacher engine, which loads teacher.path's HF weights, but "
+                          f"teacher.megatron_checkpoint={cfg.teacher.megatron_checkpoint!r} makes the scoring teacher "
+                          f"another model; export that checkpoint to HF (tools/convert_megatron_to_hf.py) and set "
+                          f"teacher.path to it instead")
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"{what}, scored with the teacher's full logits inside the student's micro-batch, which "
+                          f"needs parallel.pipeline_model_parallel_size=1 (got "
+                          f"{cfg.parallel.pipeline_model_parallel_size}); use tensor parallelism instead")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

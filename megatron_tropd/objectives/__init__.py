@@ -12,6 +12,7 @@ from .aggregation import GlobalCounts, entropy_threshold, global_counts, local_c
 from .config import OBJECTIVE_NAMES, ObjectiveConfig, reopold_floor
 from .full_vocab import compute_full_kl
 from .inputs import Requirements, TokenInputs
+from .offline import OfflineTerm
 from .prefix_schedule import PrefixOptions, max_prefix_len, sample_prefix_lengths
 from .registry import OBJECTIVES, Objective, build_objective, per_token_loss
 from .trust_region import trust_mask, trust_probability, trust_uniforms
@@ -20,5 +21,5 @@ __all__ = [
     "GlobalCounts", "entropy_threshold", "global_counts", "local_counts", "reduce_metrics", "token_weights",
     "OBJECTIVE_NAMES", "ObjectiveConfig", "reopold_floor", "compute_full_kl", "Requirements", "TokenInputs",
     "PrefixOptions", "max_prefix_len", "sample_prefix_lengths", "OBJECTIVES", "Objective", "build_objective",
-    "per_token_loss", "trust_mask", "trust_probability", "trust_uniforms",
+    "per_token_loss", "trust_mask", "trust_probability", "trust_uniforms", "OfflineTerm",
 ]

@@ -20,6 +20,9 @@ class Requirements:
     full_vocab_kl: str | None = None  # kind for ops.kl_divergence ("forward" | "reverse" | "jsd"); None = none
     full_vocab_beta: float = 0.5  # beta passed to ops.kl_divergence when full_vocab_kl == "jsd"
     rollout_logprobs: bool = False  # lp_roll from the rollout engine
+    # kind for ops.kl_divergence on tokens of teacher-written rollouts (offline distillation); None = none
+    offline_kl: str | None = None
+    offline_beta: float = 0.5  # beta passed to ops.kl_divergence when offline_kl == "jsd"
     # "student" | "teacher" | None: the step must compute a global entropy threshold once per step with
     # `aggregation.entropy_threshold(...)` (keep-fraction `entropy_frac`) and set TokenInputs.entropy_threshold.
     entropy_threshold: str | None = None
@@ -46,11 +49,14 @@ class TokenInputs:
     ent_s: torch.Tensor | None = None  # [b, s] student entropy (detached)
     full_kl: torch.Tensor | None = None  # [b, s] full-vocab divergence from ops.kl_divergence, differentiable
     entropy_threshold: float | None = None  # this step's global entropy threshold (see Requirements)
+    offline_mask: torch.Tensor | None = None  # [b, s] bool: tokens of teacher-written rollouts (offline samples)
+    offline_kl: torch.Tensor | None = None  # [b, s] full-vocab divergence for the offline term, differentiable
 
     @property
     def on_policy_mask(self) -> torch.Tensor:
-        """[b, s] bool: response tokens the student generated itself (response & ~prefix)."""
-        return self.response_mask & ~self.prefix_mask
+        """[b, s] bool: response tokens the student generated itself (response & ~prefix & ~offline)."""
+        mask = self.response_mask & ~self.prefix_mask
+        return mask if self.offline_mask is None else mask & ~self.offline_mask
 
     def validate(self, req: Requirements) -> None:
         """Raise ValueError if a tensor has the wrong shape/dtype or a required input is missing."""
@@ -68,11 +74,19 @@ class TokenInputs:
                 raise ValueError(f"{f.name} must be [b, s] = {shape} like lp_s, got shape {tuple(v.shape)}")
         if tuple(self.sample_ids.shape) != shape[:1]:
             raise ValueError(f"sample_ids must be [b] = [{shape[0]}], got {tuple(self.sample_ids.shape)}")
-        for name in ("response_mask", "prefix_mask"):
-            if getattr(self, name).dtype != torch.bool:
-                raise ValueError(f"{name} must be a bool tensor, got {getattr(self, name).dtype}")
+        for name in ("response_mask", "prefix_mask", "offline_mask"):
+            v = getattr(self, name)
+            if v is not None and v.dtype != torch.bool:
+                raise ValueError(f"{name} must be a bool tensor, got {v.dtype}")
         if (self.prefix_mask & ~self.response_mask).any():
             raise ValueError("prefix_mask must be a subset of response_mask (prefix tokens are response tokens)")
+        offline = self.offline_mask is not None and bool(self.offline_mask.any())
+        if offline and (self.offline_mask & ~(self.response_mask & ~self.prefix_mask)).any():
+            raise ValueError("offline_mask must mark response tokens outside teacher prefixes (a teacher-written "
+                             "rollout has no prefix)")
+        if offline and req.offline_kl is None:
+            raise ValueError("the batch has teacher-written (offline) tokens but the objective has no offline term, "
+                             "so they would get no loss; build it with build_objective(cfg, offline=OfflineTerm(...))")
         for name in ("sample_ids", "positions"):
             if getattr(self, name).dtype != torch.int64:
                 raise ValueError(f"{name} must be int64, got {getattr(self, name).dtype}")
@@ -81,6 +95,7 @@ class TokenInputs:
             "ent_t": req.teacher_entropy, "ent_s": req.student_entropy,
             "full_kl": req.full_vocab_kl is not None, "lp_roll": req.rollout_logprobs,
             "entropy_threshold": req.entropy_threshold is not None,
+            "offline_kl": req.offline_kl is not None and offline,
         }
         for name, needed in need.items():
             if needed and getattr(self, name) is None:

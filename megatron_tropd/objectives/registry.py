@@ -6,10 +6,12 @@
 
 Every objective adds the off-policy prefix term on teacher-prefix tokens:  L_t = prefix_beta * (-lp_s)
 (K1 forward KL on teacher samples, beta = 1e-3); the objective's own term covers the on-policy tokens.
+`build_objective(cfg, offline=OfflineTerm(...))` adds the offline term on teacher-written rollouts
+(objectives/offline.py: a dense full-vocabulary divergence).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -21,6 +23,7 @@ from .eopd import eopd, eopd_requirements
 from .full_vocab import full_vocab, full_vocab_requirements
 from .inputs import Requirements, TokenInputs
 from .jsd import jsd, jsd_requirements
+from .offline import OfflineTerm, offline_term
 from .opd import entropy_opd, entropy_opd_requirements, opd, opd_requirements
 from .reopold import reopold, reopold_requirements
 from .tropd import tropd, tropd_requirements
@@ -44,11 +47,16 @@ def prefix_term(lp_s: torch.Tensor, prefix_mask: torch.Tensor, beta: float) -> t
     return beta * nll, {"loss/prefix": ((beta * nll).detach(), prefix_mask), "prefix_nll": (nll.detach(), prefix_mask)}
 
 
-def per_token_loss(inputs: TokenInputs, cfg: ObjectiveConfig) -> tuple[torch.Tensor, TermMetrics]:
-    """The objective's per-token loss [b, s] (on-policy term + prefix term, 0 elsewhere) and per-token metrics."""
+def per_token_loss(inputs: TokenInputs, cfg: ObjectiveConfig, offline: OfflineTerm | None = None
+                   ) -> tuple[torch.Tensor, TermMetrics]:
+    """The objective's per-token loss [b, s] (on-policy term + prefix term + offline term when configured, 0
+    elsewhere) and per-token metrics."""
     fn, _ = OBJECTIVES[cfg.name]
     loss, metrics = fn(inputs, cfg)
     pre_loss, pre_metrics = prefix_term(inputs.lp_s, inputs.prefix_mask & inputs.response_mask, cfg.prefix_beta)
+    if offline is not None:
+        off_loss, off_metrics = offline_term(inputs, offline)
+        loss, metrics = loss + off_loss, {**metrics, **off_metrics}
     dt = inputs.lp_old.dtype
     metrics = {**metrics, **pre_metrics,
                "prefix_frac": (inputs.prefix_mask.to(dt), inputs.response_mask),
@@ -72,6 +80,7 @@ class Objective:
 
     cfg: ObjectiveConfig
     requirements: Requirements
+    offline: OfflineTerm | None = None  # the dense divergence on teacher-written rollouts, when the run has them
 
     def __call__(self, inputs: TokenInputs, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """loss = sum(weights * per_token) (a scalar; summed over micro-batches and DP ranks = global mean).
@@ -83,17 +92,21 @@ class Objective:
         inputs.validate(self.requirements)
         if tuple(weights.shape) != tuple(inputs.lp_s.shape):
             raise ValueError(f"weights must be [b, s] = {tuple(inputs.lp_s.shape)}, got {tuple(weights.shape)}")
-        per_token, metrics = per_token_loss(inputs, self.cfg)
+        per_token, metrics = per_token_loss(inputs, self.cfg, self.offline)
         w = safe(weights.detach().to(per_token.dtype), inputs.response_mask)
         loss = (w * per_token).sum()
         return loss, summarize(metrics)
 
 
-def build_objective(cfg: ObjectiveConfig | dict | str) -> Objective:
-    """Objective from a config (or a mapping / a bare name with the defaults)."""
+def build_objective(cfg: ObjectiveConfig | dict | str, offline: OfflineTerm | None = None) -> Objective:
+    """Objective from a config (or a mapping / a bare name with the defaults); `offline` adds the dense divergence
+    on teacher-written rollouts (and asks the step for it: Requirements.offline_kl)."""
     if isinstance(cfg, str):
         cfg = ObjectiveConfig(name=cfg)
     elif not isinstance(cfg, ObjectiveConfig):
         cfg = ObjectiveConfig.from_dict(cfg)
     _, req = OBJECTIVES[cfg.name]
-    return Objective(cfg, req(cfg))
+    requirements = req(cfg)
+    if offline is not None:
+        requirements = replace(requirements, offline_kl=offline.divergence, offline_beta=offline.jsd_beta)
+    return Objective(cfg, requirements, offline)

@@ -7,8 +7,9 @@ from megatron_tropd.distributed.parallel import ParallelGroups
 
 
 def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id: int, on_this_rank: bool) -> dict:
-    """{"student": engine, "teacher": engine (only when teacher prefixes are on)} on the rank that generates
-    (global rank 0), {} elsewhere. The student engine starts from the same HF weights as the megatron student."""
+    """{"student": engine, "teacher": engine (only when the teacher writes: prefixes, offline rollouts, held-out
+    teacher samples)} on the rank that generates (global rank 0), {} elsewhere. The student engine starts from the
+    same HF weights as the megatron student."""
     if cfg.rollout.engine not in ("embedded", "sglang"):
         raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is unknown; use embedded or sglang")
     if cfg.rollout.engine == "sglang":
@@ -17,7 +18,7 @@ def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id:
         validate(getattr(cfg, "sglang", SGLangConfig()))  # on every rank: bad settings fail everywhere at once
     if not on_this_rank:
         return {}
-    needs_teacher = cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0
+    needs_teacher = needs_teacher_engine(cfg)
     if cfg.rollout.engine == "sglang":
         return build_sglang_engines(cfg, student_dir, teacher_dir, needs_teacher)
     from megatron_tropd.models.arch import torch_dtype
@@ -28,6 +29,19 @@ def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id:
     if needs_teacher:
         engines["teacher"] = EmbeddedEngine(str(teacher_dir), dtype=dtype, vocab_size=vocab, pad_token_id=pad_id)
     return engines
+
+
+def needs_teacher_engine(cfg) -> bool:
+    """The teacher writes tokens when TrOPD prefixes are on, when some step has teacher-written (offline) rollouts,
+    or when the held-out evaluation samples the teacher (eval.teacher_samples with data.eval_size > 0; with SGLang
+    only where a teacher server is configured: sglang.teacher_urls or sglang.teacher_servers >= 1)."""
+    offline = getattr(cfg, "offline", None)
+    if (cfg.guidance.enabled and cfg.guidance.prefix_fraction > 0) or (offline is not None and offline.active):
+        return True
+    if not (getattr(cfg.eval, "teacher_samples", False) and cfg.data.eval_size > 0):
+        return False
+    sg = getattr(cfg, "sglang", None)
+    return cfg.rollout.engine != "sglang" or bool(sg is not None and (sg.urls("teacher") or sg.teacher_servers > 0))
 
 
 def build_sglang_engines(cfg, student_dir: Path, teacher_dir: Path, needs_teacher: bool) -> dict:

@@ -22,6 +22,7 @@ class RolloutBatch:
     sample_ids: torch.Tensor  # [b] int64 global sample ids
     positions: torch.Tensor  # [b, S-1] int64 position of the target token in its sequence
     weight_versions: torch.Tensor  # [b] int64 engine weight version that generated each sample
+    offline_mask: torch.Tensor  # [b, S-1] bool: target is a token of a teacher-written rollout (offline sample)
 
     @property
     def size(self) -> int:
@@ -79,6 +80,7 @@ def build_batch(samples: list[Sample], pad_id: int, sample_ids: list[int] | None
     response = torch.zeros(b, seq - 1, dtype=torch.bool)
     prefix = torch.zeros(b, seq - 1, dtype=torch.bool)
     lp_roll = torch.zeros(b, seq - 1, dtype=torch.float32)
+    offline = torch.zeros(b, seq - 1, dtype=torch.bool)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         if p == 0:
@@ -90,10 +92,14 @@ def build_batch(samples: list[Sample], pad_id: int, sample_ids: list[int] | None
         response[i, p - 1:p - 1 + r] = True
         prefix[i, p - 1:p - 1 + s.prefix_len] = True
         lp_roll[i, p - 1 + s.prefix_len:p - 1 + r] = torch.tensor(s.logprobs, dtype=torch.float32)
+        if s.meta.get("offline"):  # written by the teacher engine (rollout/offline.py): no prefix, all teacher
+            if s.prefix_len:
+                raise ValueError(f"sample {i} is a teacher-written (offline) rollout with a prefix of {s.prefix_len}")
+            offline[i, p - 1:p - 1 + r] = True
     positions = torch.arange(1, seq, dtype=torch.int64).unsqueeze(0).expand(b, -1).contiguous()
     ids = sample_ids if sample_ids is not None else [s.request_id for s in samples]
     return RolloutBatch(
         tokens=tokens, response_mask=response, prefix_mask=prefix, lp_roll=lp_roll,
         sample_ids=torch.tensor(ids, dtype=torch.int64), positions=positions,
-        weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.int64),
+        weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.int64), offline_mask=offline,
     )

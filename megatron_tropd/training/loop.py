@@ -4,7 +4,7 @@
     for step in range(run.start_step, steps):
         metrics = train_step(run, step):
             prompts = sampler.next_batch()                                 # data (resumable order)
-            samples = generate_with_prefixes(student_engine, teacher_engine)  # rollouts (+ teacher prefixes)
+            samples = generate_mixed(student_engine, teacher_engine)  # rollouts (+ teacher prefixes, + offline)
             batch   = build_batch(samples) -> this DP rank's share
             metrics = distill_step(student, teacher_scorer, batch, objective)  # teacher scoring + update
             sync_weights(student -> student_engine, version=step + 1)      # weight sync
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_tropd.distributed import parallel
 from megatron_tropd.rollout.factory import sync_weights
-from megatron_tropd.rollout.prefixes import generate_with_prefixes, plan_prefix_lengths
+from megatron_tropd.rollout.offline import MixOptions, generate_mixed, plan_rollouts
 from megatron_tropd.training.batch import build_batch
 from megatron_tropd.training.checkpoint import save_checkpoint
 from megatron_tropd.training.metrics import format_summary
@@ -95,9 +95,11 @@ def collect_rollouts(run: Run, prompts, step: int):
     if run.is_logger:
         n, cfg = run.cfg.rollout.samples_per_prompt, run.cfg
         rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]  # unique per step: seeds
-        lengths = plan_prefix_lengths([p.id for p in prompts], n, step, run.prefix_opts)
-        per_prompt = generate_with_prefixes(run.engines["student"], run.engines.get("teacher"), prompts, lengths,
-                                            run.sampling, request_ids=rids)
+        # student rollouts (teacher prefixes per the schedule) + teacher-written ones (offline warm-up / mixing)
+        mix = MixOptions(cfg.offline.warmup_steps, cfg.offline.lambda_student)
+        lengths, n_teacher = plan_rollouts([p.id for p in prompts], n, step, run.prefix_opts, mix)
+        per_prompt = generate_mixed(run.engines["student"], run.engines.get("teacher"), prompts, lengths, n_teacher,
+                                    run.sampling, request_ids=rids)
         samples = [s for group in per_prompt for s in group]
         sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
         check_weight_versions(samples, run.engines["student"].weight_version, cfg.rollout.max_weight_lag)

@@ -75,7 +75,7 @@ def check_config(cfg: Config, world_size: int | None = None) -> Objective:
                           f"into DP {dp} x optim.micro_batch_size={mbs} x optim.minibatches_per_update={minis} = "
                           f"{dp * mbs * minis}; make {n} a multiple of {dp * mbs * minis}")
     try:
-        objective = build_objective(cfg.objective)
+        objective = build_objective(cfg.objective, offline=cfg.offline.term())  # + offline term on teacher text
     except (ValueError, KeyError) as e:
         raise ConfigError(f"objective.name={cfg.objective.name!r}: {e}") from None
     if objective.requirements.full_vocab_kl is not None and pp > 1:

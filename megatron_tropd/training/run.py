@@ -154,6 +154,6 @@ def _held_out_eval(cfg: Config, run: Run, prompts: list, tokenizer, stop_ids: tu
                             stop_token_ids=stop_ids, seed=cfg.train.seed + 1)
     opts = HeldOutOptions(samples_per_prompt=cfg.eval.samples_per_prompt, micro_batch_size=cfg.optim.micro_batch_size,
                           vocab_size=vocab, pad_id=run.pad_id, run_dir=run.run_dir, benchmark=benchmark,
-                          benchmark_samples=cfg.eval.benchmark_samples)
+                          benchmark_samples=cfg.eval.benchmark_samples, teacher_samples=cfg.eval.teacher_samples)
     return HeldOutEval(prompts, run.engines.get("student"), run.teacher, run.student, run.groups, tokenizer, params,
-                       opts)
+                       opts, teacher_engine=run.engines.get("teacher"))

@@ -85,6 +85,14 @@ class MegatronTeacherScorer:
         """[b, s] input ids -> the teacher's logits shard [b, s, V_padded/tp] (pipeline size 1 only)."""
         return self.teacher.model(inputs, position_ids(inputs), None)
 
+    @torch.no_grad()
+    def micro_batch_logits(self, micro_batch: RolloutBatch) -> torch.Tensor | None:
+        """The teacher's logits shard [b, s, V_padded/tp] of one micro-batch through its own (pipelined) schedule,
+        on the last pipeline stage (None elsewhere): any PP size, one micro-batch's logits alive at a time."""
+        out = run_schedule(self.teacher.model, [micro_batch], self.groups,
+                           lambda logits, i: (logits.new_zeros(()), logits), forward_only=True)
+        return out[0] if out else None
+
 
 @torch.no_grad()
 def score_student_old(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, req: Requirements,

@@ -64,9 +64,10 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                  groups: ParallelGroups, step: int, opts: StepOptions) -> dict[str, float]:
     """Train on `batch` (this DP rank's sequences). Returns step metrics on every rank."""
     req = objective.requirements
-    if req.full_vocab_kl is not None and groups.pp_size > 1:
-        raise ValueError("full-vocabulary objectives co-schedule the teacher inside the student's micro-batch and "
-                         "support pipeline_model_parallel_size = 1 only; use tensor parallelism instead")
+    if (req.full_vocab_kl is not None or req.offline_kl is not None) and groups.pp_size > 1:
+        raise ValueError("full-vocabulary objectives (and offline distillation) co-schedule the teacher inside the "
+                         "student's micro-batch and support pipeline_model_parallel_size = 1 only; use tensor "
+                         "parallelism instead")
     device = groups.device
     micro = [mb.to(device) for mb in batch.micro_batches(opts.micro_batch_size)]
     teacher_out = teacher.score(micro, req)
@@ -76,7 +77,7 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
     threshold = None
     if req.entropy_threshold is not None and groups.is_last_stage:
         ents = [o.ent_s for o in old_out] if req.entropy_threshold == "student" else [t.ent_t for t in teacher_out]
-        threshold = entropy_threshold(ents, [mb.response_mask & ~mb.prefix_mask for mb in micro],
+        threshold = entropy_threshold(ents, [mb.response_mask & ~mb.prefix_mask & ~mb.offline_mask for mb in micro],
                                       req.entropy_frac, groups.dp)
 
     if len(micro) % opts.minibatches_per_update:
@@ -120,16 +121,13 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
         mb, t, o = mini[i].batch, mini[i].teacher, mini[i].old
         lp_s = ops.token_logprobs(logits, mb.targets, tp, **kw)
         sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
-        full_kl = None
-        if req.full_vocab_kl is not None:
-            t_logits = teacher.forward_logits(mb.inputs)
-            full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
-            del t_logits
+        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, req, tp, kw)
         inputs = TokenInputs(
             lp_s=lp_s, lp_old=o.lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
             prefix_mask=mb.prefix_mask, sample_ids=mb.sample_ids, positions=mb.positions, step=ctx.step,
             lp_roll=mb.lp_roll if req.rollout_logprobs else None, tk_lp=t.tk_lp, tk_ids=t.tk_ids,
             sk_lp=sk_lp, ent_t=t.ent_t, ent_s=o.ent_s, full_kl=full_kl, entropy_threshold=ctx.entropy_threshold,
+            offline_mask=mb.offline_mask, offline_kl=offline_kl,
         )
         weights = token_weights(mb.response_mask, mb.prefix_mask, ctx.counts, cfg.aggregation)
         loss, metrics = objective(inputs, weights)
@@ -143,6 +141,25 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
     return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False)
 
 
+def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, req, tp, kw):
+    """(full_kl, offline_kl) [b, s] from the teacher's logits shard of this micro-batch (ops.kl_divergence), each
+    None when not asked for; the teacher runs only when one is needed (offline: the micro-batch has teacher-written
+    tokens). The same kind is computed once."""
+    offline = req.offline_kl is not None and bool(mb.offline_mask.any())
+    if req.full_vocab_kl is None and not offline:
+        return None, None
+    t_logits = teacher.forward_logits(mb.inputs)
+    full_kl = offline_kl = None
+    if req.full_vocab_kl is not None:
+        full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
+    if offline:
+        same = req.offline_kl == req.full_vocab_kl and (req.offline_kl != "jsd"
+                                                        or req.offline_beta == req.full_vocab_beta)
+        offline_kl = full_kl if same else ops.kl_divergence(logits, t_logits, tp, kind=req.offline_kl,
+                                                            beta=req.offline_beta, **kw)
+    return full_kl, offline_kl
+
+
 def _batch_metrics(micro: list[RolloutBatch], groups: ParallelGroups, device) -> dict:
     """Response / prefix lengths per sequence, reduced over DP like the objective metrics."""
     per_mb = []
@@ -152,6 +169,7 @@ def _batch_metrics(micro: list[RolloutBatch], groups: ParallelGroups, device) ->
             "response_length": (mb.response_mask.sum().double(), seqs.sum()),
             "prefix_length": (mb.prefix_mask.sum().double(), seqs.sum()),
             "prefixed_fraction": (mb.prefix_mask.any(-1).sum().double(), seqs.sum()),
+            "offline_fraction": (mb.offline_mask.any(-1).sum().double(), seqs.sum()),  # teacher-written rollouts
         }
         per_mb.append(m)
     return reduce_metrics(per_mb, groups.dp, device)
