@@ -306,7 +306,7 @@ if mode == "save":
             p.add_(1.0)
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    def hang(self, sharded_state_dict, checkpoint_dir):  # common.pt is written; the tensors are being written
+    def hang(self, sharded_state_dict, checkpoint_dir):  # mid-save: common.pt is written, the tensors are next
         (Path(run_dir) / "MID_SAVE").write_text("x")
         time.sleep(600)
 
