@@ -202,3 +202,27 @@ def test_distinct_n():
     assert distinct_n([[1, 2, 1, 2, 1, 2], [5, 6, 7]], 3) == pytest.approx((2 / 4 + 1) / 2)
     assert distinct_n([[1], []], 2) != distinct_n([[1], []], 2)  # nan: no response has a bigram
     assert math.isnan(distinct_n([], 2))
+
+
+def test_before_after_table_and_figures(tmp_path):
+    """`tropd train` prints the held-out metrics before / after (teacher column where it has one); `tropd plot`
+    draws every eval metric and the distillation grid."""
+    from megatron_tropd.training.loop import summary_text
+    from megatron_tropd.training.metrics import MetricsLogger
+    from megatron_tropd.training.plot import plot_run
+
+    before = {"forward_kl": 11.1, "reverse_kl": 7.9, "top1_agreement": 0.006, "distinct_2": 0.5,
+              "teacher_distinct_2": 0.9, "response_length": 30.0, "teacher_response_length": 24.0}
+    after = {**before, "forward_kl": 2.1, "top1_agreement": 0.39, "distinct_2": 0.8}
+    with MetricsLogger(tmp_path, tensorboard=False, progress=False) as ml:
+        ml.log(0, {"loss": 1.0})
+        ml.log_eval(0, before)
+        ml.log_eval(4, after)
+    text = summary_text({"before": before, "after": after, "steps": 4, "wall_s": 1.0}, tmp_path)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line[:1].isalpha() and " " in line}
+    assert rows["forward_kl"] == ["11.1000", "2.1000"]
+    assert rows["top1_agreement"] == ["0.0060", "0.3900"]
+    assert rows["distinct_2"] == ["0.5000", "0.8000", "0.9000"]  # the teacher's own value
+    names = {p.name for p in plot_run(tmp_path, tmp_path / "png")}
+    assert {"eval_forward_kl.png", "eval_top1_agreement.png", "eval_distillation.png", "loss.png"} <= names
+    assert (tmp_path / "png" / "eval_distillation.png").stat().st_size > 1000

@@ -25,11 +25,11 @@ from megatron_tropd.rollout.factory import sync_weights
 from megatron_tropd.rollout.offline import MixOptions, generate_mixed, plan_rollouts
 from megatron_tropd.training.batch import build_batch
 from megatron_tropd.training.checkpoint import save_checkpoint
-from megatron_tropd.training.metrics import format_summary
+from megatron_tropd.training.metrics import HELD_OUT_METRICS, TEACHER_REFERENCE, format_summary
 from megatron_tropd.training.run import Run, build_run
 from megatron_tropd.training.step import distill_step
 
-SUMMARY_METRICS = ("reverse_kl_k1", "token_agreement", "accuracy", "response_length")
+SUMMARY_METRICS = HELD_OUT_METRICS  # printed before / after (all held-out metrics are in eval_metrics.jsonl)
 
 
 def train(cfg) -> dict | None:
@@ -116,13 +116,19 @@ def check_weight_versions(samples, version: int, max_lag: int) -> None:
                            f"current {version}, rollout.max_weight_lag={max_lag}); refusing to train on them")
 
 
+def _num(v) -> str:
+    return "nan" if v is None else f"{v:.4f}"
+
+
 def summary_text(summary: dict, run_dir: Path) -> str:
     b, a = summary["before"] or {}, summary["after"] or {}
     lines = ["", "=" * 72, f"tropd train finished: {summary['steps']} steps in {summary['wall_s']:.0f}s", ""]
-    lines.append(f"{'held-out metric':<28}{'before':>12}{'after':>12}")
+    lines.append(f"{'held-out metric':<28}{'before':>12}{'after':>12}{'teacher':>12}")
     for key in SUMMARY_METRICS:
         if key in b or key in a:
-            lines.append(f"{key:<28}{b.get(key, float('nan')):>12.4f}{a.get(key, float('nan')):>12.4f}")
+            ref = a.get(TEACHER_REFERENCE.get(key), b.get(TEACHER_REFERENCE.get(key)))
+            teacher = _num(ref) if ref is not None else ""
+            lines.append(f"{key:<28}{_num(b.get(key)):>12}{_num(a.get(key)):>12}{teacher:>12}")
     lines += ["", f"outputs: {run_dir}/  (metrics.jsonl, eval_metrics.jsonl, tensorboard/, checkpoints/, "
               f"summary.json, config.yaml)", f"curves:  tropd plot {run_dir}", "=" * 72]
     metrics_file = run_dir / "metrics.jsonl"

@@ -16,6 +16,15 @@ from megatron_tropd.atomic import atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
+# Held-out distillation metrics (evaluation/heldout.py) in print / plot order: printed before / after by `tropd
+# train`, drawn together by `tropd plot` (eval_distillation.png), with the teacher's own value where one exists
+# (constant: the teacher's held-out samples are drawn once).
+HELD_OUT_METRICS = ("forward_kl", "reverse_kl", "top1_agreement", "top1_agreement_teacher", "reverse_kl_k1",
+                    "token_agreement", "teacher_nll", "student_nll_teacher", "student_entropy", "teacher_entropy",
+                    "distinct_2", "distinct_3", "accuracy", "response_length")
+TEACHER_REFERENCE = {"distinct_2": "teacher_distinct_2", "distinct_3": "teacher_distinct_3",
+                     "accuracy": "teacher_accuracy", "response_length": "teacher_response_length"}
+
 # Progress-line fields: label -> candidate metric keys (first present wins).
 PROGRESS_KEYS = {
     "loss": ("loss",),

@@ -1,6 +1,8 @@
 """`tropd plot RUN_DIR [--out DIR] [--metrics a,b]`: PNG curves of a run's metrics.jsonl and eval_metrics.jsonl.
 
-One PNG per metric (`<out>/<name>.png`, eval metrics as `eval_<name>.png`) and an overview grid `overview.png`.
+One PNG per metric (`<out>/<name>.png`, eval metrics as `eval_<name>.png`), an overview grid `overview.png`, and
+(without --metrics, when the run has held-out metrics) `eval_distillation.png`: the held-out distillation metrics
+side by side, the teacher's own value as a dashed line where one exists.
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import re
 import sys
 from pathlib import Path
 
-from megatron_tropd.training.metrics import EVAL_METRICS_FILE, METRICS_FILE, read_jsonl
+from megatron_tropd.training.metrics import (
+    EVAL_METRICS_FILE, HELD_OUT_METRICS, METRICS_FILE, TEACHER_REFERENCE, read_jsonl,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +86,36 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, metrics: li
     fig.savefig(out / "overview.png", dpi=90)
     plt.close(fig)
     written.append(out / "overview.png")
+    if not metrics:
+        written += _distillation_figure(plt, evals, out)
     return written
+
+
+def _distillation_figure(plt, evals: list[dict], out: Path) -> list[Path]:
+    """The held-out distillation metrics of eval_metrics.jsonl in one grid (none: no figure)."""
+    names = [n for n in HELD_OUT_METRICS if _series(evals, n)[0]]
+    if not names:
+        return []
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.plot(*_series(evals, name), marker="o")
+        ref = _series(evals, TEACHER_REFERENCE.get(name, ""))[1]
+        if ref:
+            ax.axhline(ref[-1], linestyle="--", color="gray", label="teacher")
+            ax.legend(fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("held-out distillation metrics")
+    fig.tight_layout()
+    path = out / "eval_distillation.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
 
 
 def run(args: argparse.Namespace) -> int:
