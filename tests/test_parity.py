@@ -69,3 +69,34 @@ def test_eopd_entropy_is_full_vocabulary_at_the_rollout_temperature():
         lp = torch.log_softmax(logits[..., :37] / t, -1)
         ref = -(lp.exp() * lp).sum(-1)
         torch.testing.assert_close(ops.entropy(logits, temperature=t, vocab_size=37), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_prefix_length_distribution_option():
+    """TrOPD leaves the prefix-length distribution open: l ~ Uniform{1..L_max(t)} (default) or l = L_max(t)."""
+    from megatron_tropd.objectives import PrefixOptions, max_prefix_len, sample_prefix_lengths
+
+    uni = PrefixOptions(total_steps=8, max_response_len=20, prefix_fraction=0.5, seed=1)
+    top = PrefixOptions(total_steps=8, max_response_len=20, prefix_fraction=0.5, seed=1, length_dist="max")
+    seen = set()
+    for step in range(9):
+        l_max = max_prefix_len(step, 8, 20)
+        assert sample_prefix_lengths(3, 4, step, top) == ([l_max] * 2 + [0] * 2 if l_max else [0] * 4)
+        for pid in range(30):
+            ls = sample_prefix_lengths(pid, 4, step, uni)
+            assert all(1 <= l <= l_max for l in ls[:2]) if l_max else ls[:2] == [0, 0]
+            assert ls[2:] == [0, 0]
+            seen.update(ls[:2]) if step == 0 else None
+    assert len(seen) > 10  # spread over 1..20 at step 0, not a single length
+    with pytest.raises(ValueError, match="prefix length distribution 'geometric'"):
+        PrefixOptions(total_steps=8, max_response_len=20, length_dist="geometric")
+
+
+def test_prefix_length_config_key():
+    from pathlib import Path
+
+    from megatron_tropd.config import ConfigError, load_config
+
+    main = Path(__file__).resolve().parents[1] / "examples/configs/smollm2_tropd_cpu.yaml"
+    assert load_config(main, ["guidance.prefix_length=max"]).guidance.prefix_length == "max"
+    with pytest.raises(ConfigError, match="guidance.prefix_length must be one of uniform, max"):
+        load_config(main, ["guidance.prefix_length=fixed"])

@@ -72,6 +72,7 @@ class GuidanceConfig:
     enabled: bool = True  # TrOPD off-policy guidance: continue from teacher-written prefixes
     prefix_fraction: float = 0.5  # fraction of each prompt's rollouts that start from a teacher prefix
     max_prefix_tokens: int | None = None  # L in the cosine schedule (None = rollout.max_new_tokens)
+    prefix_length: str = "uniform"  # prefix length l: uniform (l ~ U{1..L_max(t)}, default) | max (l = L_max(t))
 
 
 @dataclass
@@ -173,6 +174,7 @@ def validate(cfg: Config) -> Config:
                           "on-policy objectives need temperature > 0")
     if not 0.0 <= cfg.guidance.prefix_fraction <= 1.0:
         raise ConfigError(f"guidance.prefix_fraction must be in [0, 1]; got {cfg.guidance.prefix_fraction}")
+    _check_choice("guidance", "prefix_length", cfg.guidance.prefix_length, ("uniform", "max"))
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     validate_offline(cfg)

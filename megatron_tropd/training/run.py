@@ -107,7 +107,8 @@ def build_run(cfg: Config) -> Run:
                                 seed=cfg.train.seed),
         prefix_opts=PrefixOptions(total_steps=cfg.train.steps, enabled=cfg.guidance.enabled,
                                   max_response_len=cfg.guidance.max_prefix_tokens or cfg.rollout.max_new_tokens,
-                                  prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed),
+                                  prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed,
+                                  length_dist=cfg.guidance.prefix_length),
         step_opts=step_opts, pad_id=pad_id, run_dir=run_dir, start_step=start, evaluate=None,
     )
     try:
