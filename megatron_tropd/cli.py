@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "plot": ("megatron_tropd.training.plot", "write PNG curves of a run's metrics"),
     "plan": ("megatron_tropd.cluster.plan", "per-GPU memory estimate and smallest layouts that fit"),
     "launch": ("megatron_tropd.cluster.launch", "resolve a config against SLURM/local and print (or run) the commands"),
+    "prune": ("megatron_tropd.models.prune_cli",
+              "make a student from a teacher: ModelOpt Minitron pruning (depth / width) or an every-k layer cut"),
     "smoke": ("megatron_tropd.distributed.smoke", "a tiny TP/PP forward-backward on CPU to check an installation"),
 }
 

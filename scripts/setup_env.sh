@@ -25,7 +25,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "$venv/bin/python" - <<'PY' >&2
 import importlib, sys
 mods = ["torch", "megatron.core", "transformers", "safetensors", "omegaconf", "yaml", "reasoning_gym",
-        "pytest", "megatron_tropd", "tensorboard", "matplotlib", "pyarrow"]
+        "pytest", "megatron_tropd", "tensorboard", "matplotlib", "pyarrow", "modelopt", "pulp", "scipy"]
 missing = [m for m in mods if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"[setup] missing after install: {missing}")

