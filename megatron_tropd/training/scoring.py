@@ -59,6 +59,20 @@ def tp_group(groups: ParallelGroups):
     return groups.tp if groups.tp_size > 1 else None
 
 
+@torch.no_grad()
+def teacher_tokens(logits: torch.Tensor, targets: torch.Tensor, req: Requirements, tp, *, temperature: float,
+                   vocab_size: int) -> TeacherTokens:
+    """The TeacherTokens `req` asks for from one micro-batch's teacher logits shard [b, s, V_padded/tp] (also used
+    by the step when it already holds the teacher's logits, so the teacher runs once per micro-batch)."""
+    kw = dict(temperature=temperature, vocab_size=vocab_size)
+    out = TeacherTokens(lp_t=ops.token_logprobs(logits, targets.to(logits.device), tp, **kw))
+    if req.teacher_topk:
+        out.tk_lp, out.tk_ids = ops.topk_logprobs(logits, req.teacher_topk, tp, **kw)
+    if req.teacher_entropy or req.entropy_threshold == "teacher":
+        out.ent_t = ops.entropy(logits, tp, **kw)
+    return out
+
+
 class MegatronTeacherScorer:
     """A frozen megatron teacher in the student's TP/PP layout: its vocabulary shards coincide with the student's,
     so it can also hand full logits shards to full-vocabulary objectives (`forward_logits`)."""
@@ -71,12 +85,7 @@ class MegatronTeacherScorer:
         tp, kw = tp_group(self.groups), dict(temperature=self.opts.temperature, vocab_size=self.opts.vocab_size)
 
         def on_logits(logits, i):
-            out = TeacherTokens(lp_t=ops.token_logprobs(logits, micro_batches[i].targets.to(logits.device), tp, **kw))
-            if req.teacher_topk:
-                out.tk_lp, out.tk_ids = ops.topk_logprobs(logits, req.teacher_topk, tp, **kw)
-            if req.teacher_entropy or req.entropy_threshold == "teacher":
-                out.ent_t = ops.entropy(logits, tp, **kw)
-            return logits.new_zeros(()), out
+            return logits.new_zeros(()), teacher_tokens(logits, micro_batches[i].targets, req, tp, **kw)
 
         return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True)
 

@@ -3,6 +3,12 @@
     TeacherScorer.score (forward only)  ->  student old log-probs (forward only)  ->  global token counts
     ->  for each epoch, minibatch: forward-backward with the objective as the loss  ->  optimizer step
 
+No pass runs twice. When a rollout batch gets exactly one update, the old policy is the current one: lp_old and
+ent_s come from the training forward itself (detached; rho = exp(lp_s - lp_old) is 1 with the gradient of lp_s),
+unless the objective needs a batch-level student-entropy threshold before the first micro-batch's loss. For
+full-vocabulary objectives the teacher runs once, inside the micro-batch: lp_t (and top-k / entropy) are taken from
+the same teacher logits as the divergence. `StepOptions.fused_* = False` forces the separate passes (tests).
+
 The objective sees per-token tensors computed on vocabulary shards (`megatron_tropd.ops`); its loss carries the
 global normalisation (one all-reduce of token counts per optimizer step), so gradients do not depend on the
 micro-batch or data-parallel split. Metrics are reduced over micro-batches and DP ranks with one all-reduce.
@@ -11,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import zip_longest
+
+import time
 
 import torch
 
@@ -23,7 +31,7 @@ from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Student
 from megatron_tropd.training.schedule import broadcast_from_last_stage, run_schedule
 from megatron_tropd.training.scoring import (
-    ScoreOptions, StudentTokens, TeacherScorer, TeacherTokens, score_student_old, tp_group,
+    ScoreOptions, StudentTokens, TeacherScorer, TeacherTokens, score_student_old, teacher_tokens, tp_group,
 )
 
 
@@ -34,6 +42,10 @@ class StepOptions:
     micro_batch_size: int
     updates_per_batch: int = 1
     minibatches_per_update: int = 1
+    # lp_old / ent_s from the training forward when a rollout batch gets one update (False: a separate pass)
+    fused_old_logprobs: bool = True
+    # full-vocabulary objectives: teacher statistics from the in-step teacher logits (False: teacher.score as well)
+    fused_teacher: bool = True
 
     @property
     def score(self) -> ScoreOptions:
@@ -58,11 +70,16 @@ class UpdateContext:
     counts: GlobalCounts  # token counts of this minibatch over all DP ranks (the loss normaliser)
     entropy_threshold: torch.Tensor | None  # the step's entropy quantile, when the objective selects by entropy
     opts: StepOptions
+    fused_old: bool = False  # lp_old / ent_s are taken from this (the only) training forward
+    fused_teacher: bool = False  # teacher statistics are taken from the in-step teacher logits
 
 
 def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, objective: Objective,
-                 groups: ParallelGroups, step: int, opts: StepOptions) -> dict[str, float]:
-    """Train on `batch` (this DP rank's sequences). Returns step metrics on every rank."""
+                 groups: ParallelGroups, step: int, opts: StepOptions, timings: dict | None = None) -> dict[str, float]:
+    """Train on `batch` (this DP rank's sequences). Returns step metrics on every rank. `timings`, when given,
+    receives this rank's phase wall times (time/teacher_s, time/old_logprobs_s, time/update_s; a fused pass is part
+    of time/update_s) and the passes that ran over the batch (passes/teacher: teacher forwards per token,
+    passes/old_logprobs: 1 when the separate student pass ran), for the step's FLOPs (training/flops.py)."""
     req = objective.requirements
     if (req.full_vocab_kl is not None or req.offline_kl is not None) and groups.pp_size > 1:
         raise ValueError("full-vocabulary objectives (and offline distillation) co-schedule the teacher inside the "
@@ -70,8 +87,18 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                          "parallelism instead")
     device = groups.device
     micro = [mb.to(device) for mb in batch.micro_batches(opts.micro_batch_size)]
-    teacher_out = teacher.score(micro, req)
-    old_out = score_student_old(student.model, micro, groups, req, opts.score, with_entropy=True)
+    # one update per rollout batch: the training forward runs at the old weights, unless the objective needs the
+    # batch's student-entropy threshold before the first micro-batch's loss
+    fused_old = (opts.fused_old_logprobs and opts.updates_per_batch == 1 and opts.minibatches_per_update == 1
+                 and req.entropy_threshold != "student")
+    # full-vocabulary objectives run the (same-layout) teacher inside the micro-batch anyway
+    fused_teacher = (opts.fused_teacher and req.full_vocab_kl is not None and req.entropy_threshold != "teacher"
+                     and hasattr(teacher, "forward_logits"))
+    t0 = time.perf_counter()
+    teacher_out = [] if fused_teacher else teacher.score(micro, req)
+    t1 = time.perf_counter()
+    old_out = [] if fused_old else score_student_old(student.model, micro, groups, req, opts.score, with_entropy=True)
+    t2 = time.perf_counter()
     scored = [ScoredMicroBatch(mb, t, o) for mb, t, o in zip_longest(micro, teacher_out, old_out)]
 
     threshold = None
@@ -89,7 +116,7 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
         for m in range(opts.minibatches_per_update):
             mini = scored[m * per_mini:(m + 1) * per_mini]
             counts = global_counts([(s.batch.response_mask, s.batch.prefix_mask) for s in mini], groups.dp, device)
-            ctx = UpdateContext(groups, step, counts, threshold, opts)
+            ctx = UpdateContext(groups, step, counts, threshold, opts, fused_old, fused_teacher)
             all_metrics.extend(r["metrics"] for r in _update(student, teacher, mini, objective, ctx))
             ok, grad_norm, _ = student.optimizer.step()
             student.scheduler.step(increment=1)
@@ -100,7 +127,12 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
     if groups.is_last_stage:
         metrics = reduce_metrics(all_metrics, groups.dp, device)
         metrics.update(_batch_metrics(micro, groups, device))
+    t3 = time.perf_counter()
     metrics = broadcast_from_last_stage(metrics, groups)
+    if timings is not None:
+        timings.update({"time/teacher_s": t1 - t0, "time/old_logprobs_s": t2 - t1, "time/update_s": t3 - t2,
+                        "passes/teacher": float(1 + (req.full_vocab_kl is not None and not fused_teacher)),
+                        "passes/old_logprobs": float(not fused_old)})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["grad_norm/max"] = max(grad_norms)
@@ -119,9 +151,16 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
 
     def on_logits(logits, i):
         mb, t, o = mini[i].batch, mini[i].teacher, mini[i].old
+        t_logits = None
+        if ctx.fused_teacher:  # the teacher's one pass over this micro-batch: [b, s, V_padded/tp]
+            t_logits = teacher.forward_logits(mb.inputs)
+            t = teacher_tokens(t_logits, mb.targets, req, tp, **kw)
         lp_s = ops.token_logprobs(logits, mb.targets, tp, **kw)
+        if ctx.fused_old:  # the old policy is the current one: rho = exp(lp_s - lp_old) == 1, d rho = d lp_s
+            with torch.no_grad():
+                o = StudentTokens(lp_old=lp_s.detach(), ent_s=ops.entropy(logits.detach(), tp, **kw))
         sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
-        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, req, tp, kw)
+        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, req, tp, kw, t_logits)
         inputs = TokenInputs(
             lp_s=lp_s, lp_old=o.lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
             prefix_mask=mb.prefix_mask, sample_ids=mb.sample_ids, positions=mb.positions, step=ctx.step,
@@ -141,14 +180,15 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
     return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False)
 
 
-def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, req, tp, kw):
+def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, req, tp, kw, t_logits=None):
     """(full_kl, offline_kl) [b, s] from the teacher's logits shard of this micro-batch (ops.kl_divergence), each
     None when not asked for; the teacher runs only when one is needed (offline: the micro-batch has teacher-written
-    tokens). The same kind is computed once."""
+    tokens) and `t_logits` (the step's in-micro-batch teacher pass) is not given. The same kind is computed once."""
     offline = req.offline_kl is not None and bool(mb.offline_mask.any())
     if req.full_vocab_kl is None and not offline:
         return None, None
-    t_logits = teacher.forward_logits(mb.inputs)
+    if t_logits is None:
+        t_logits = teacher.forward_logits(mb.inputs)
     full_kl = offline_kl = None
     if req.full_vocab_kl is not None:
         full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
