@@ -73,6 +73,9 @@ def test_loop_runs_with_every_objective(tiny_models, tmp_path, name):
     assert [r["step"] for r in records] == [0, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["weight_version"] == 2
+    # throughput: analytic-FLOPs MFU against the measured peak, and the phase times (training/flops.py)
+    assert 0 < records[-1]["throughput/mfu"] < 1 and records[-1]["throughput/peak_flops"] > 0
+    assert all(records[-1][k] >= 0 for k in ("time/teacher_s", "time/old_logprobs_s", "time/update_s", "time/sync_s"))
     assert (tmp_path / "checkpoints" / "step_000001" / "COMPLETE").exists()
     if "eval.benchmark" in OBJECTIVE_OVERRIDES[name]:  # the `tropd eval` harness inside the trainer's eval
         assert summary["after"]["bench/rg_basic_arithmetic/pass@1"] in (0.0, 0.5, 1.0)

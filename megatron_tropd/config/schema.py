@@ -118,6 +118,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard scalars
     resume: bool = False  # continue from the last complete checkpoint in run_dir
     progress: bool = True  # live progress bar
+    peak_flops: float = 0.0  # FLOP/s of one device for throughput/mfu (0 = measure a float32 matmul loop at start)
 
 
 @dataclass
@@ -175,6 +176,9 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.guidance.prefix_fraction <= 1.0:
         raise ConfigError(f"guidance.prefix_fraction must be in [0, 1]; got {cfg.guidance.prefix_fraction}")
     _check_choice("guidance", "prefix_length", cfg.guidance.prefix_length, ("uniform", "max"))
+    if cfg.train.peak_flops < 0:
+        raise ConfigError(f"train.peak_flops must be >= 0 (FLOP/s of one device; 0 = measure); got "
+                          f"{cfg.train.peak_flops}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     validate_offline(cfg)

@@ -25,6 +25,7 @@ from megatron_tropd.rollout.factory import sync_weights
 from megatron_tropd.rollout.offline import MixOptions, generate_mixed, plan_rollouts
 from megatron_tropd.training.batch import build_batch
 from megatron_tropd.training.checkpoint import save_checkpoint
+from megatron_tropd.training.flops import matmul_params, measure_peak_flops, real_tokens, step_flops
 from megatron_tropd.training.metrics import HELD_OUT_METRICS, TEACHER_REFERENCE, format_summary
 from megatron_tropd.training.run import Run, build_run
 from megatron_tropd.training.step import distill_step
@@ -80,12 +81,41 @@ def train_step(run: Run, step: int) -> dict:
     t_roll = time.time() - t0
     batch = build_batch(samples, run.pad_id, sample_ids, pad_to_multiple=8 * run.groups.tp_size)
     mine = batch.dp_shard(run.groups.dp_size, run.groups.dp_rank, run.cfg.optim.minibatches_per_update)
-    metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts)
+    timings = {}
+    metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts,
+                           timings=timings)
+    t_sync = time.time()
     sync_weights(run.engines, run.student, run.groups, run.student_arch, version=step + 1)
     dt = time.time() - t0
-    metrics.update({"time/step_s": dt, "time/rollout_s": t_roll,
+    metrics.update({"time/step_s": dt, "time/rollout_s": t_roll, "time/sync_s": time.time() - t_sync, **timings,
                     "throughput/tokens_per_s": int(batch.response_mask.sum()) / dt, "weight_version": step + 1})
+    metrics.update(utilisation(run, batch, timings, dt))
     return metrics
+
+
+_PEAK_FLOPS: dict = {}  # measured once per process: device -> FLOP/s
+
+
+def utilisation(run: Run, batch, timings: dict, dt: float) -> dict:
+    """throughput/mfu: the step's analytic model FLOPs (training/flops.py; the whole rollout batch) over its wall
+    time and the peak FLOP/s of all devices; train.peak_flops per device, or (0) a float32 matmul loop measured once
+    on this device and logged as throughput/peak_flops."""
+    peak = run.cfg.train.peak_flops
+    if not peak:
+        device = run.groups.device
+        if device not in _PEAK_FLOPS:
+            _PEAK_FLOPS[device] = measure_peak_flops(device)
+        peak = _PEAK_FLOPS[device]
+    vocab = run.step_opts.vocab_size
+    t_arch = getattr(getattr(run.teacher, "teacher", None), "arch", None)  # a same-layout megatron teacher
+    n_t = matmul_params(t_arch, vocab) if t_arch is not None else 0
+    teacher_written = batch.prefix_mask | batch.offline_mask  # teacher prefixes and teacher-written rollouts
+    own = batch.response_mask & ~teacher_written
+    flops = step_flops(matmul_params(run.student_arch, vocab), n_t, real_tokens(batch.response_mask),
+                       int(own.sum()), int(teacher_written.sum()), int(timings["passes/teacher"]),
+                       bool(timings["passes/old_logprobs"]), run.step_opts.updates_per_batch)
+    return {"throughput/mfu": flops / (dt * peak * dist.get_world_size()), "throughput/peak_flops": peak,
+            "throughput/model_flops": flops}
 
 
 def collect_rollouts(run: Run, prompts, step: int):

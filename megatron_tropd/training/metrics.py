@@ -31,6 +31,7 @@ PROGRESS_KEYS = {
     "kl": ("reward/k1_rkl", "kl", "k1_kl", "reverse_kl"),
     "trust": ("trust/frac", "trust_frac", "trust_fraction"),
     "tok/s": ("tokens_per_s", "tok_per_s", "throughput/tokens_per_s"),
+    "mfu": ("throughput/mfu",),
 }
 
 
@@ -154,7 +155,7 @@ def _fmt(v: Any) -> str:
 
 
 def progress_line(record: Mapping[str, Any]) -> str:
-    """'step 12 | loss 0.123 | kl 0.45 | trust 0.91 | tok/s 830' from whichever keys the record has."""
+    """'step 12 | loss 0.123 | kl 0.45 | trust 0.91 | tok/s 830 | mfu 0.31' from whichever keys the record has."""
     parts = [f"step {record.get('step', '?')}"]
     for label, keys in PROGRESS_KEYS.items():
         for k in keys:
