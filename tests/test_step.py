@@ -86,7 +86,10 @@ def references(weights):
 
 
 def _close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    # Weights after one Adam step (lr 1e-3): atol 3e-5 = 3% of one step. Adam's first update is ~ lr * g / |g|, so a
+    # gradient element near zero turns float-reordering noise between layouts into a visible weight difference; the
+    # gradients themselves agree to rel 1e-5 at every layout (tests/test_grad_scale.py).
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5, msg=lambda m: f"{what}: {m}")
 
 
 LAYOUTS = [(2, 2, 1), (2, 1, 2), (4, 2, 2), (2, 1, 1)]
