@@ -3,11 +3,12 @@ DistributedOptimizer on CPU/gloo:
 
 - optimizer level (tiny GPTModel, a vocabulary-parallel loss that excludes padding rows): the distributed
   optimizer's update equals the plain optimizer's; a resumed optimizer continues bit-exactly at the same layout and
-  within 1e-5 after resharding (TP 2 <-> DP 2, plain and distributed optimizer), while one that lost its Adam moments
-  does not;
+  within 1e-5 after resharding (TP1 DP2 -> TP2 DP1; TP1 DP2 -> TP1 PP2 tensor for tensor; plain and distributed
+  optimizer), while one that lost its Adam moments does not;
 - the whole training loop (tiny HF models): saved at TP2 PP1 and resumed at TP2 PP1 (bit-exact), TP1 PP2 and
   TP1 PP1 DP2 (metrics, weights and optimizer moments within 1e-5 of the uninterrupted run);
-- SIGKILL during a save leaves the previous checkpoint loadable; a changed objective/model/data config is refused.
+- SIGKILL of a rank during a save leaves the previous checkpoint loadable; a changed objective/model/data config
+  is refused in one line.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,7 +132,22 @@ def _optimizer_scenarios(groups, work: str, k: int = 2, n: int = 4) -> dict:
             st = _student(groups, False)
             load_megatron_checkpoint(st.gpt, ckpt, groups)  # a training checkpoint's weights, as a run's init
             out["lost_moments"] = ([_step(st, groups, s) for s in range(k, n)], _weights(st, groups), None)
+    # PP: load each checkpoint at TP1 PP2 and save it again there; both hold the same model and optimizer tensors
+    groups = _relayout(1, 2)
+    for use_do in (False, True):
+        ckpt = Path(f"{work}/{'do' if use_do else 'plain'}/checkpoints/step_{k - 1:06d}")
+        st = _student(groups, use_do)
+        load_checkpoint(ckpt, st, groups)
+        again = save_checkpoint(f"{work}/pp2_{use_do}", k - 1, st, groups, {"sampler": None}, keep_last=1)
+        out[use_do, "pp2_resaved"] = (_plain_tensors(ckpt), _plain_tensors(again))
     return out if groups.rank == 0 else None
+
+
+def _plain_tensors(ckpt) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, whole (collective: all ranks read)."""
+    from megatron.core import dist_checkpointing
+
+    return {k: v for k, v in dist_checkpointing.load_plain_tensors(str(ckpt)).items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +172,18 @@ def test_resume_restores_model_and_optimizer(optimizer_runs, use_do):
     tp2_norms, tp2_w, _ = optimizer_runs[use_do, "tp2"]  # saved at TP1 DP2, resumed at TP2 DP1
     assert tp2_norms == pytest.approx(ref_norms, rel=1e-5)
     assert _rel(ref_w, tp2_w) < 1e-5
+
+
+@pytest.mark.parametrize("use_do", [False, True], ids=["plain", "distributed"])
+def test_checkpoint_loads_at_pp2_with_its_optimizer_state(optimizer_runs, use_do):
+    """Saved at TP1 PP1 DP2, loaded at TP1 PP2 DP1 and saved again: the same model weights, Adam moments (and with
+    the distributed optimizer fp32 main weights), tensor for tensor."""
+    saved, resaved = optimizer_runs[use_do, "pp2_resaved"]
+    assert saved.keys() == resaved.keys()
+    assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in saved)
+    assert use_do == any(k.startswith("optimizer.state.param.") for k in saved)  # the DO's fp32 main weights
+    for k in saved:
+        assert torch.equal(saved[k], resaved[k]), k  # same padded rows: PP does not change the vocabulary padding
 
 
 def test_lost_adam_moments_change_the_next_update(optimizer_runs):
@@ -204,7 +232,6 @@ def _loop_scenarios(groups, setup: Path, work: Path) -> dict | None:
     """On 2 ranks: the uninterrupted run at TP2 PP1 (4 steps; checkpoints after steps 1 and 3), then that run's
     step-1 checkpoint resumed at each of RESUME_LAYOUTS for steps 2-3. Returns (metrics, final checkpoint tensors)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megatron_tropd.config import load_config
@@ -219,8 +246,7 @@ def _loop_scenarios(groups, setup: Path, work: Path) -> dict | None:
     def result(run_dir):
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows = [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
-        plain = dist_checkpointing.load_plain_tensors(str(run_dir / "checkpoints" / "step_000003"))
-        return rows, {k: v for k, v in plain.items() if isinstance(v, torch.Tensor)}  # model + optimizer tensors
+        return rows, _plain_tensors(run_dir / "checkpoints" / "step_000003")  # model + optimizer tensors
 
     real_destroy = parallel.destroy
     parallel.destroy = ps.destroy_model_parallel  # train() ends with parallel.destroy(): keep the process group
@@ -282,66 +308,68 @@ def test_resumed_loop_matches_uninterrupted(loop_runs, layout):
 
 # -------------------------------------------------------------------------------------------------- kill -9
 
-_KILL_WORKER = r"""
-import sys, time, torch
-from pathlib import Path
-from megatron_tropd.distributed import parallel
-from megatron_tropd.config import OptimConfig
-from megatron_tropd.models.arch import ModelArch
-from megatron_tropd.training import checkpoint
-from megatron_tropd.training.roles import build_student
-
-run_dir, mode = sys.argv[1], sys.argv[2]
-groups = parallel.initialize(1, 1)
-arch = ModelArch(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                 vocab_size=100, make_vocab_size_divisible_by=8)
-torch.manual_seed(0)
-student = build_student(arch, groups, None, OptimConfig(), total_updates=4)
-if mode == "save":
-    checkpoint.save_checkpoint(run_dir, 0, student, groups, {"sampler": {"epoch": 0}})
-    torch.save({k: v for k, v in student.gpt.state_dict().items() if isinstance(v, torch.Tensor)},
-               Path(run_dir) / "weights_step0.pt")
-    with torch.no_grad():
-        for p in student.gpt.parameters():
-            p.add_(1.0)
+def _save_then_hang(groups, run_dir: str) -> None:
+    """Checkpoint 0, one more update, then checkpoint 1 stops mid-save (common.pt written, the tensors next) until
+    the test SIGKILLs rank 0."""
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    def hang(self, sharded_state_dict, checkpoint_dir):  # mid-save: common.pt is written, the tensors are next
-        (Path(run_dir) / "MID_SAVE").write_text("x")
-        time.sleep(600)
+    from megatron_tropd.training.checkpoint import save_checkpoint
+
+    st = _student(groups, False)
+    _step(st, groups, 0)
+    save_checkpoint(run_dir, 0, st, groups, {"sampler": {"epoch": 0}})
+    weights = _weights(st, groups)
+    if groups.rank == 0:
+        torch.save(weights, Path(run_dir) / "weights_step0.pt")
+    _step(st, groups, 1)
+
+    def hang(self, sharded_state_dict, checkpoint_dir):
+        Path(run_dir, f"MID_SAVE_{groups.rank}").write_text(str(os.getpid()))
+        time.sleep(300)
 
     TorchDistSaveShardedStrategy.save = hang
-    checkpoint.save_checkpoint(run_dir, 1, student, groups, {"sampler": {"epoch": 1}})
-else:
-    latest = checkpoint.latest_checkpoint(run_dir)
-    state = checkpoint.load_checkpoint(latest, student, groups)
+    save_checkpoint(run_dir, 1, st, groups, {"sampler": {"epoch": 1}})
+
+
+def _load_latest(groups, run_dir: str):
+    from megatron_tropd.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    st = _student(groups, False)
+    latest = latest_checkpoint(run_dir)
+    state = load_checkpoint(latest, st, groups)
+    weights = _weights(st, groups)
     saved = torch.load(Path(run_dir) / "weights_step0.pt")
-    same = all(torch.equal(student.gpt.state_dict()[k], v) for k, v in saved.items())
-    checkpoint.save_checkpoint(run_dir, 1, student, groups, {"sampler": {"epoch": 1}})  # a later save cleans up
-    print("RESULT", latest.name, state["step"], same, sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir()))
-parallel.destroy()
-"""
+    same = all(torch.equal(weights[k], saved[k]) for k in saved)
+    save_checkpoint(run_dir, 1, st, groups, {"sampler": {"epoch": 1}})  # the next save replaces the leftover
+    return latest.name, state, same, sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
 
 
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_WORKER, str(tmp_path), "save"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "MID_SAVE").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    alive = proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
-    assert alive, f"the saving process ended before it could be killed:\n{out[-3000:]}"
+    from megatron_tropd.distributed.spawn import DistributedTestError
+
+    killed = {}
+
+    def kill_rank0_mid_save():
+        marker, deadline = tmp_path / "MID_SAVE_0", time.time() + 300
+        while not (marker.exists() and (tmp_path / "MID_SAVE_1").exists()) and time.time() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            killed["pid"] = int(marker.read_text())
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank0_mid_save)
+    killer.start()
+    with pytest.raises(DistributedTestError, match="died without a report") as err:
+        run_distributed(_save_then_hang, 2, tp=2, args=(str(tmp_path),), timeout=300)
+    killer.join()
+    assert killed and "-9" in str(err.value)  # rank 0 died of SIGKILL while both ranks were inside the save
     entries = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert entries == [".step_000001.tmp", "step_000000"]  # the interrupted save is only a temp dir
-    assert (tmp_path / "checkpoints/.step_000001.tmp/common.pt").is_file()  # and it was mid-write
-    done = subprocess.run([sys.executable, "-c", _KILL_WORKER, str(tmp_path), "load"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
-    assert result == "RESULT step_000000 0 True ['step_000000', 'step_000001']"
+    assert entries == [".step_000001.tmp", "step_000000"]  # the interrupted save is only a temp dir ...
+    assert (tmp_path / "checkpoints/.step_000001.tmp/common.pt").is_file()  # ... written halfway
+    latest, state, same, entries = run_distributed(_load_latest, 2, tp=2, args=(str(tmp_path),))[0]
+    assert (latest, state["step"], state["sampler"]) == ("step_000000", 0, {"epoch": 0})
+    assert same  # the previous checkpoint's weights, bit-exact
+    assert entries == ["step_000000", "step_000001"]
 
 
 # ----------------------------------------------------------------------------------------- config refusal
