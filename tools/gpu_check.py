@@ -480,8 +480,15 @@ def _one_step_variant(groups, sz, weights, arch, t_arch, distributed_optimizer: 
     teacher_dtypes = sorted({str(p.dtype) for p in teacher.teacher.model.parameters()})
     student_dtypes = sorted({str(p.dtype) for p in student.gpt.parameters()})
     return dict(metrics=history, times_s=times, update=first_update, peak_bytes=peak,
-                optimizer=type(student.optimizer).__name__, student_param_dtypes=student_dtypes,
+                optimizer=_optimizer_name(student.optimizer), student_param_dtypes=student_dtypes,
                 teacher_param_dtypes=teacher_dtypes)
+
+
+def _optimizer_name(opt) -> str:
+    """megatron's optimizer class, with the ones a ChainedOptimizer wraps (e.g. ChainedOptimizer[DistributedOptimizer])."""
+    inner = getattr(opt, "chained_optimizers", None)
+    name = type(opt).__name__
+    return f"{name}[{', '.join(type(o).__name__ for o in inner)}]" if inner else name
 
 
 def check_distill_step(groups, mode: str) -> dict:
