@@ -261,7 +261,7 @@ def _reference_grad(groups, weights, kind, beta):
             "offline_div": float(div.mean()), "loss": float(loss)}
 
 
-def _step(groups, weights, kind, beta, micro_batch_size=2):
+def _step(groups, weights, kind, beta, micro_batch_size=2, fused=True):
     from megatron_tropd.config import OptimConfig
     from megatron_tropd.models.sharding import gather_full_state_dict, load_full_state_dict
     from megatron_tropd.training.batch import build_batch
@@ -271,15 +271,17 @@ def _step(groups, weights, kind, beta, micro_batch_size=2):
 
     student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
                             OptimConfig(lr=1e-3, clip_grad=0.0), total_updates=1)
-    opts = StepOptions(temperature=TEMPERATURE, vocab_size=VOCAB, micro_batch_size=micro_batch_size)
+    opts = StepOptions(temperature=TEMPERATURE, vocab_size=VOCAB, micro_batch_size=micro_batch_size,
+                       fused_teacher=fused)  # fused: the teacher runs once per micro-batch, inside the update
     teacher = MegatronTeacherScorer(
         build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups)), groups,
         opts.score)
     mine = build_batch(_mixed_samples(), pad_id=0).dp_shard(groups.dp_size, groups.dp_rank)
     objective = build_objective(ObjectiveConfig(name="opd"), offline=OfflineTerm(kind, beta))
-    metrics = distill_step(student, teacher, mine, objective, groups, 0, opts)
+    timings = {}
+    metrics = distill_step(student, teacher, mine, objective, groups, 0, opts, timings=timings)
     grads = gather_full_state_dict(student.gpt, groups, value=lambda p: p.main_grad.detach().float())
-    return {"metrics": metrics, "grads": grads}
+    return {"metrics": metrics, "grads": grads, "timings": timings}
 
 
 @pytest.fixture(scope="module")
@@ -291,14 +293,16 @@ def _trim(name, t):
     return t[:VOCAB] if name in ("embedding.word_embeddings.weight", "output_layer.weight") else t
 
 
-CASES = [("forward", 0.5, 1, 1), ("forward", 0.5, 2, 2), ("forward", 0.5, 2, 1), ("reverse", 0.5, 2, 2),
-         ("jsd", 0.3, 2, 2)]
+CASES = [("forward", 0.5, 1, 1, True), ("forward", 0.5, 2, 2, True), ("forward", 0.5, 2, 1, True),
+         ("forward", 0.5, 2, 2, False), ("reverse", 0.5, 2, 2, True), ("jsd", 0.3, 2, 2, True)]
 
 
-@pytest.mark.parametrize("kind,beta,world,tp", CASES, ids=[f"{c[0]}-w{c[2]}-tp{c[3]}" for c in CASES])
-def test_mixed_step_gradient_is_the_documented_loss_gradient(weights, kind, beta, world, tp):
+@pytest.mark.parametrize("kind,beta,world,tp,fused", CASES,
+                         ids=[f"{c[0]}-w{c[2]}-tp{c[3]}" + ("" if c[4] else "-separate") for c in CASES])
+def test_mixed_step_gradient_is_the_documented_loss_gradient(weights, kind, beta, world, tp, fused):
     ref = run_distributed(_reference_grad, 1, args=(weights, kind, beta))[0]
-    outs = run_distributed(_step, world, tp=tp, args=(weights, kind, beta))
+    outs = run_distributed(_step, world, tp=tp, args=(weights, kind, beta), kwargs={"fused": fused})
+    assert outs[0]["timings"]["passes/teacher"] == (1.0 if fused else 2.0)
     for out in outs:
         m = out["metrics"]
         assert m[f"loss/offline_{kind}"] == pytest.approx(ref["offline_div"], rel=1e-4)

@@ -44,7 +44,8 @@ class StepOptions:
     minibatches_per_update: int = 1
     # lp_old / ent_s from the training forward when a rollout batch gets one update (False: a separate pass)
     fused_old_logprobs: bool = True
-    # full-vocabulary objectives: teacher statistics from the in-step teacher logits (False: teacher.score as well)
+    # full-vocabulary objectives and offline distillation: teacher statistics from the in-step teacher logits
+    # (False: teacher.score as well)
     fused_teacher: bool = True
 
     @property
@@ -91,8 +92,10 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
     # batch's student-entropy threshold before the first micro-batch's loss
     fused_old = (opts.fused_old_logprobs and opts.updates_per_batch == 1 and opts.minibatches_per_update == 1
                  and req.entropy_threshold != "student")
-    # full-vocabulary objectives run the (same-layout) teacher inside the micro-batch anyway
-    fused_teacher = (opts.fused_teacher and req.full_vocab_kl is not None and req.entropy_threshold != "teacher"
+    # full-vocabulary objectives (and the offline term on teacher-written rollouts) run the (same-layout) teacher
+    # inside the micro-batch anyway
+    in_step_teacher = req.full_vocab_kl is not None or req.offline_kl is not None
+    fused_teacher = (opts.fused_teacher and in_step_teacher and req.entropy_threshold != "teacher"
                      and hasattr(teacher, "forward_logits"))
     t0 = time.perf_counter()
     teacher_out = [] if fused_teacher else teacher.score(micro, req)
@@ -131,7 +134,7 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
     metrics = broadcast_from_last_stage(metrics, groups)
     if timings is not None:
         timings.update({"time/teacher_s": t1 - t0, "time/old_logprobs_s": t2 - t1, "time/update_s": t3 - t2,
-                        "passes/teacher": float(1 + (req.full_vocab_kl is not None and not fused_teacher)),
+                        "passes/teacher": float(1 + (in_step_teacher and not fused_teacher)),
                         "passes/old_logprobs": float(not fused_old)})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
