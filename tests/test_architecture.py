@@ -108,10 +108,23 @@ def test_no_private_names_imported_across_modules():
     assert not bad, bad
 
 
+def _reads_tests(path: Path) -> list[int]:
+    """Lines of string literals (docstrings excluded) that name the tests folder: "tests" or "tests/..."."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings and (n.value.strip("/") == "tests" or n.value.startswith("tests/"))]
+
+
 def test_package_does_not_read_from_tests():
-    bad = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if '"tests"' in p.read_text()
-           or "tests/" in p.read_text()]
+    bad = {str(p.relative_to(ROOT)): lines for p in PACKAGE.rglob("*.py") if (lines := _reads_tests(p))}
     assert not bad, bad
+
+
+def test_tests_folder_check_sees_path_literals(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text('"""Docs may mention tests/ freely."""\nSTUB = ROOT / "tests" / "stubs"\n')
+    assert _reads_tests(f) == [2]
 
 
 def _import_alone(name: str) -> str | None:
