@@ -195,6 +195,7 @@ def test_bad_targets_fail_clearly(teacher_dir, tmp_path):
              (PruneTarget(ffn_hidden_size=65), "--ffn-hidden) = 65 is larger than the teacher's 64"),
              (PruneTarget(num_layers=0), "must be a positive integer"),
              (PruneTarget(num_attention_heads=3), "choose one of [2, 4]"),
+             (PruneTarget(hidden_size=30), "--hidden) = 30 is not a multiple of the student's 4 attention heads"),
              (PruneTarget(num_layers=4), "nothing to prune")]
     for target, msg in cases:
         with pytest.raises(PruneError) as e:

@@ -33,7 +33,7 @@ VARIANTS = {
     "every5": ("every_k", dict(num_layers=6)),
     "minitron6": ("minitron", dict(num_layers=6)),
     "minitron30-ffn576": ("minitron", dict(ffn_hidden_size=576)),
-    "minitron30-hidden384": ("minitron", dict(hidden_size=384)),
+    "minitron30-hidden432": ("minitron", dict(hidden_size=432)),  # 384 would not load (9 heads must divide it)
 }
 
 

@@ -84,6 +84,14 @@ class PruneTarget:
                 f"num_attention_heads (--heads) = {heads} is not a multiple of the teacher's "
                 f"{arch.num_query_groups} query groups (heads are pruned within each group; ModelOpt keeps every "
                 f"group): choose one of {[arch.num_query_groups * k for k in range(1, per + 1)]}")
+        hidden = self.hidden_size if self.hidden_size is not None else arch.hidden_size
+        heads = heads if heads is not None else arch.num_attention_heads
+        if hidden % heads:
+            # transformers 5.x refuses such a config.json ("The hidden size (384) is not a multiple of the number of
+            # attention heads (9)") although head_dim is explicit: the student would not load
+            raise PruneError(f"hidden_size (--hidden) = {hidden} is not a multiple of the student's {heads} attention "
+                             f"heads, which transformers requires of a Llama config; choose e.g. "
+                             f"{max(hidden // heads, 1) * heads} or {(hidden // heads + 1) * heads}")
         if not self.changes(arch):
             raise PruneError("the target equals the teacher (nothing to prune): set --target-layers, --ffn-hidden, "
                              "--hidden or --heads below the teacher's values")
