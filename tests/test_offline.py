@@ -62,6 +62,16 @@ def test_offline_settings_that_are_fine():
     assert term == OfflineTerm("reverse", 0.5)
 
 
+def test_resume_refuses_a_changed_offline_section():
+    from megatron_tropd.config import to_dict
+    from megatron_tropd.training.checkpoint import config_differences
+
+    saved = to_dict(load_config(MAIN, ["offline.warmup_steps=3"]))
+    assert config_differences(saved, load_config(MAIN, ["offline.warmup_steps=3"])) == []
+    assert config_differences(saved, load_config(MAIN, ["offline.warmup_steps=3", "offline.lambda_student=0.5"])) \
+        == ["offline.lambda_student: 1.0 -> 0.5"]
+
+
 def test_the_teacher_engine_is_built_when_the_teacher_writes():
     from megatron_tropd.rollout.factory import needs_teacher_engine
 

@@ -57,7 +57,7 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
 # Everything else may change on resume: TP/PP/DP layout, sequence parallelism, optimizer hyper-parameters and LR
 # schedule, train.steps / save_interval / keep_last, eval, rollout engine, sglang, cluster.
 RESUME_MUST_MATCH = (
-    "objective", "guidance", "data", "student.path", "student.megatron_checkpoint", "student.dtype",
+    "objective", "guidance", "offline", "data", "student.path", "student.megatron_checkpoint", "student.dtype",
     "teacher.path", "teacher.megatron_checkpoint", "teacher.dtype", "rollout.prompts_per_step",
     "rollout.samples_per_prompt", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens",
     "rollout.stop_token_ids", "train.seed", "parallel.use_distributed_optimizer",
