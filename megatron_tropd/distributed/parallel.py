@@ -2,7 +2,9 @@
 
 `initialize()` is the only place that touches megatron-core's global `parallel_state`. It returns a
 `ParallelGroups` value that library code receives explicitly (tp / pp / dp groups and ranks), so no other
-module reads hidden globals.
+module reads hidden globals. `build_groups()` makes a second, independent layout over the same ranks (a teacher
+at its own TP/PP beside the student): its groups travel in `ParallelGroups.collection`, a megatron-core
+`ProcessGroupCollection` that the model constructors and schedules take instead of the globals.
 
 Rank order is megatron-core's default "tp-cp-ep-dp-pp": TP ranks are adjacent, then DP, then PP.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,9 @@ class ParallelGroups:
     dp_rank: int
     world_size: int
     rank: int
+    # Explicit megatron-core ProcessGroupCollection of a layout built by `build_groups` (None: the global
+    # parallel_state of `initialize`, which megatron-core reads by default).
+    collection: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_first_stage(self) -> bool:
@@ -48,9 +53,14 @@ class ParallelGroups:
 
     def pg_collection(self):
         """megatron-core's ProcessGroupCollection for model constructors (GPTModel(pg_collection=...))."""
+        if self.collection is not None:
+            return self.collection
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         return ProcessGroupCollection.use_mpu_process_groups()
+
+    def same_layout(self, other: "ParallelGroups") -> bool:
+        return (self.tp_size, self.pp_size) == (other.tp_size, other.pp_size)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -135,6 +145,56 @@ def current_groups() -> ParallelGroups:
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
     )
+
+
+def layout_coords(rank: int, tp: int, pp: int, world: int) -> tuple[int, int, int]:
+    """(tp_rank, dp_rank, pp_rank) of a global rank in megatron-core's default order tp-cp-ep-dp-pp (cp = ep = 1):
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
+    dp = world // (tp * pp)
+    return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+
+
+def build_groups(tensor_parallel: int, pipeline_parallel: int) -> ParallelGroups:
+    """Process groups of a second layout (TP x PP, DP = world / (TP * PP)) over all ranks, in megatron-core's rank
+    order, without touching the global parallel_state: for a model that shares the ranks with the student but not
+    its layout (time-shared, e.g. a teacher at TP4 x DP2 beside a TP1 x DP8 student).
+
+    Collective: every rank calls it with the same sizes (each `new_group` is created by all ranks in the same
+    order). Context parallelism and experts are not used (cp = ep = 1)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    tp, pp = tensor_parallel, pipeline_parallel
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"a TP={tp} x PP={pp} layout does not divide the {world} ranks; choose sizes whose "
+                         f"product divides the world size")
+    dp = world // (tp * pp)
+
+    def at(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    def new(rank_lists: list[list[int]]) -> dist.ProcessGroup:
+        mine = None
+        for ranks in rank_lists:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
+        return mine
+
+    tp_g = new([[at(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    dp_g = new([[at(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    pp_lists = [[at(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    pp_g = new(pp_lists)
+    mp_g = new([[at(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+    # megatron's default embedding ranks: first and last stage (tied embeddings are all-reduced between them)
+    embd_g = new([sorted({r[0], r[-1]}) for r in pp_lists])
+    pos_g = new([[r[0]] for r in pp_lists])
+    cp_g = new([[r] for r in range(world)])
+    collection = ProcessGroupCollection(tp=tp_g, pp=pp_g, mp=mp_g, embd=embd_g, pos_embd=pos_g, cp=cp_g,
+                                        tp_cp=tp_g, dp=dp_g, dp_cp=dp_g)
+    t, d, p = layout_coords(rank, tp, pp, world)
+    return ParallelGroups(tp=tp_g, pp=pp_g, dp=dp_g, tp_size=tp, tp_rank=t, pp_size=pp, pp_rank=p, dp_size=dp,
+                          dp_rank=d, world_size=world, rank=rank, collection=collection)
 
 
 def destroy() -> None:

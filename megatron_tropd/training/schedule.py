@@ -55,7 +55,7 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
     seq_length = micro_batches[0].inputs.shape[1]
     if any(mb.inputs.shape != micro_batches[0].inputs.shape for mb in micro_batches):
         raise ValueError("all micro-batches of a schedule must have the same [b, s] shape (pipeline p2p buffers)")
-    return get_forward_backward_func()(
+    return get_forward_backward_func(groups.pp_size, None)(
         forward_step_func=forward_step,
         data_iterator=order,
         model=[model],
@@ -63,7 +63,21 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
         seq_length=seq_length,
         micro_batch_size=micro_batches[0].size,
         forward_only=forward_only,
+        **explicit_groups(model, groups),
     )
+
+
+def explicit_groups(model, groups: ParallelGroups) -> dict:
+    """The schedule's process-group arguments for a layout built by `parallel.build_groups` (a teacher with its own
+    TP/PP); {} for the global layout, which megatron-core reads from parallel_state."""
+    if groups.collection is None:
+        return {}
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    kw = {"pg_collection": groups.collection}
+    if groups.pp_size > 1:
+        kw["p2p_communicator"] = P2PCommunicator(pp_group=groups.pp, config=model.config)
+    return kw
 
 
 def broadcast_from_last_stage(obj, groups: ParallelGroups):
