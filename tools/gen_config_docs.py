@@ -27,33 +27,38 @@ and invalid values stop the run with an error naming the key.
 
 
 def _comments(cls) -> dict[str, str]:
-    """Field name -> trailing comment in the class source."""
+    """Field name -> trailing comment in the class source (base classes first, so a subclass can re-document)."""
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = _FIELD.match(line)
-        if m and m.group(3):
-            out[m.group(1)] = m.group(3).strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            m = _FIELD.match(line)
+            if m and m.group(3):
+                out[m.group(1)] = m.group(3).strip()
     return out
 
 
 def render() -> str:
     sys.path.insert(0, str(ROOT))
     from megatron_tropd.config import Config
+    from megatron_tropd.config.schema import section_types
 
     defaults = Config()
     parts = [HEADER]
-    for section in dataclasses.fields(Config):
-        obj = getattr(defaults, section.name)
-        cls = type(obj)
+    for name, (cls, is_list) in section_types().items():
+        obj = cls() if is_list else getattr(defaults, name)
+        key = f"{name}[]" if is_list else name
         doc = (inspect.getdoc(cls) or "").split("\n")[0]
-        parts.append(f"\n## `{section.name}` ({cls.__module__}.{cls.__name__})\n")
+        parts.append(f"\n## `{key}` ({cls.__module__}.{cls.__name__}{', a list' if is_list else ''})\n")
         if doc and not doc.startswith(cls.__name__ + "("):
             parts.append(f"{doc}\n")
+        if is_list:
+            parts.append(f"A list (default `{getattr(defaults, name)!r}`); each entry has the keys below "
+                         f"(override one with `{name}.0.key=value`).\n")
         parts.append("\n| key | default | meaning |\n|---|---|---|")
         comments = _comments(cls)
         for f in dataclasses.fields(cls):
             value = getattr(obj, f.name)
-            parts.append(f"| `{section.name}.{f.name}` | `{value!r}` | {comments.get(f.name, '').replace('|', '/')} |")
+            parts.append(f"| `{key}.{f.name}` | `{value!r}` | {comments.get(f.name, '').replace('|', '/')} |")
     return "\n".join(parts) + "\n"
 
 

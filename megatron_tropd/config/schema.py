@@ -30,10 +30,26 @@ class ModelConfig:
     recompute_activations: bool = False  # full activation recompute (student only)
 
 
+TEACHER_SCORERS = ("megatron", "same_layout", "own_layout", "sglang")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """A teacher: its weights, how it scores the rollouts (its scorer and layout) and which samples it scores."""
+
+    name: str = "teacher"  # label in metrics (teacher/<name>/...) and messages; unique across teachers
+    scorer: str = "megatron"  # megatron (same_layout if its TP/PP equal the student's, else own_layout) | same_layout | own_layout | sglang
+    tensor_model_parallel_size: int = 0  # the teacher's own TP (0 = the student's); needs own_layout when different
+    pipeline_model_parallel_size: int = 0  # the teacher's own PP (0 = the student's); teacher DP = ranks / (TP * PP)
+    micro_batch_size: int = 0  # own_layout: sequences per teacher micro-batch (0 = optim.micro_batch_size)
+    offload: bool = False  # own_layout on GPU: weights wait in pinned host memory while the student trains
+    routes: list[str] = field(default_factory=list)  # route tags (data.route_field values) it scores; [] = the default teacher
+
+
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1  # TP for student and teacher (same layout: vocab shards coincide)
-    pipeline_model_parallel_size: int = 1  # PP for student and teacher; data parallel = world / (TP * PP)
+    tensor_model_parallel_size: int = 1  # the student's TP (and a teacher's without a layout of its own)
+    pipeline_model_parallel_size: int = 1  # the student's PP (ditto); data parallel = world / (TP * PP)
     sequence_parallel: bool = False  # megatron sequence parallelism (needs TP > 1)
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (megatron's; GPU or CPU/gloo)
 
@@ -124,7 +140,8 @@ class TrainConfig:
 @dataclass
 class Config:
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)  # more teachers, each scoring its routes
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -182,6 +199,7 @@ def validate(cfg: Config) -> Config:
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
     validate_offline(cfg)
+    validate_teachers(cfg)
     check_placement(cfg.sglang, cfg.cluster)
     return cfg
 
@@ -219,6 +237,42 @@ def validate_offline(cfg: Config) -> None:
         raise ConfigError(f"{what}, scored with the teacher's full logits inside the student's micro-batch, which "
                           f"needs parallel.pipeline_model_parallel_size=1 (got "
                           f"{cfg.parallel.pipeline_model_parallel_size}); use tensor parallelism instead")
+
+
+def all_teachers(cfg: Config) -> list[tuple[str, TeacherConfig]]:
+    """(config key, section) of every teacher: `teacher` first, then `teachers[i]`."""
+    return [("teacher", cfg.teacher)] + [(f"teachers[{i}]", t) for i, t in enumerate(cfg.teachers)]
+
+
+def validate_teachers(cfg: Config) -> None:
+    """Each teacher's section on its own, and the routing table they form together (no file is read)."""
+    teachers = all_teachers(cfg)
+    names: dict[str, str] = {}
+    for key, t in teachers:
+        if not t.path:
+            raise ConfigError(f"{key}.path is required (an HF checkpoint dir or builtin:...)")
+        _check_choice(key, "dtype", t.dtype, tuple(DTYPE_BYTES))
+        _check_choice(key, "scorer", t.scorer, TEACHER_SCORERS)
+        if not t.name:
+            raise ConfigError(f"{key}.name must be a non-empty label (it names the teacher in metrics)")
+        if t.name in names:
+            raise ConfigError(f"{key}.name={t.name!r} is also {names[t.name]}.name; give each teacher a unique name, "
+                              f"e.g. {key}.name=math")
+        names[t.name] = key
+        for sub in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
+            if getattr(t, sub) < 0:
+                raise ConfigError(f"{key}.{sub} must be >= 1, or 0 for the default; got {getattr(t, sub)}")
+    tags: dict[str, str] = {}
+    defaults = [key for key, t in teachers if not t.routes]
+    if len(defaults) > 1:
+        raise ConfigError(f"{' and '.join(defaults)} both have no routes (both would be the default teacher); give "
+                          f"all but one of them routes: [tag, ...]")
+    for key, t in teachers:
+        for tag in t.routes:
+            if tag in tags:
+                raise ConfigError(f"route tag {tag!r} is in {tags[tag]}.routes and {key}.routes; each tag routes "
+                                  f"to one teacher")
+            tags[tag] = key
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -263,11 +317,23 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def section_types() -> dict[str, tuple[type, bool]]:
+    """Section name -> (its dataclass, whether the section is a list of them, like `teachers`)."""
+    import typing
+
+    hints = typing.get_type_hints(Config)
+    out = {}
+    for section in dataclasses.fields(Config):
+        hint = hints[section.name]
+        is_list = typing.get_origin(hint) is list
+        out[section.name] = (typing.get_args(hint)[0] if is_list else hint, is_list)
+    return out
+
+
 def all_fields() -> list[str]:
-    """Every option as `section.key` (used by the docs test)."""
-    defaults = Config()
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
-            for f in dataclasses.fields(getattr(defaults, section.name))]
+    """Every option as `section.key` (`section[].key` for list sections; used by the docs test)."""
+    return [f"{name}{'[]' if is_list else ''}.{f.name}" for name, (cls, is_list) in section_types().items()
+            for f in dataclasses.fields(cls)]
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None):

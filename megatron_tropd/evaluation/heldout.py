@@ -58,6 +58,8 @@ class HeldOutOptions:
     benchmark: Any = None  # an evaluation.benchmarks.Benchmark, or None
     benchmark_samples: int = 1
     teacher_samples: bool = True  # also sample the teacher (once) for forward KL / agreement on teacher text
+    routes: tuple[int, ...] = ()  # each prompt's teacher index (several teachers; empty: the first teacher)
+    pad_multiple: int = 0  # sequence padding: 8 x every TP size in use (0 = 8 x the student's TP)
 
 
 def check_layout(n_prompts: int, samples_per_prompt: int, dp_size: int, micro_batch_size: int) -> None:
@@ -131,8 +133,11 @@ class HeldOutEval:
 
     # --- scoring -------------------------------------------------------------------------------------------------
     def _micro_batches(self, samples: list) -> list[RolloutBatch]:
-        groups = self.groups
-        batch = build_batch(samples, self.opts.pad_id, pad_to_multiple=8 * groups.tp_size)
+        groups, opts = self.groups, self.opts
+        n = opts.samples_per_prompt  # samples come n per prompt, in prompt order (both sample sets)
+        routes = [opts.routes[i // n] for i in range(len(samples))] if opts.routes else None
+        batch = build_batch(samples, opts.pad_id, pad_to_multiple=opts.pad_multiple or 8 * groups.tp_size,
+                            routes=routes)
         micro = batch.dp_shard(groups.dp_size, groups.dp_rank).micro_batches(self.opts.micro_batch_size)
         return [mb.to(groups.device) for mb in micro]
 
@@ -143,6 +148,8 @@ class HeldOutEval:
         groups = self.groups
         tp, kw = tp_group(groups), dict(temperature=self.score_opts.temperature, vocab_size=self.opts.vocab_size)
         total = torch.zeros(len(names) + 1, dtype=torch.float64)
+        if getattr(self.teacher, "micro_batch_logits", None) is None:
+            return self._sums_from_scores(samples, source, tp, kw)
         for mb in self._micro_batches(samples):
             t_logits = self.teacher.micro_batch_logits(mb)
 
@@ -153,6 +160,25 @@ class HeldOutEval:
                 total += out.cpu()
             del t_logits
         return total.to(groups.device)
+
+    def _sums_from_scores(self, samples: list, source: str, tp, kw) -> torch.Tensor:
+        """A teacher without logits aligned with the student's (own layout): the teacher's per-token outputs from its
+        scorer at the scoring temperature (lp_t, top-1, entropy); the full-vocabulary KLs are nan (not computed)."""
+        from megatron_tropd.objectives import Requirements
+        from megatron_tropd.training.teachers import with_score_options
+
+        micro = self._micro_batches(samples)
+        scorer = with_score_options(self.teacher, self.score_opts)
+        scores = scorer.score(micro, Requirements(teacher_topk=1, teacher_entropy=True))
+        names = STUDENT_SUMS if source == "student" else TEACHER_SUMS
+        total = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for j, mb in enumerate(micro):
+            def on_logits(s_logits, i, mb=mb, j=j):
+                return s_logits.new_zeros(()), _token_sums_from_scores(s_logits, scores[j], mb, source, tp, kw)
+
+            for out in run_schedule(self.student.model, [mb], self.groups, on_logits, forward_only=True):
+                total += out.cpu()
+        return total.to(self.groups.device)
 
     # --- generation (global rank 0) ------------------------------------------------------------------------------
     def _requests(self) -> list[GenerationRequest]:
@@ -203,5 +229,23 @@ def _token_sums(s_logits: torch.Tensor, t_logits: torch.Tensor, mb: RolloutBatch
                   top_s == top_t, -lp_t, ops.entropy(s_logits, tp, **kw), ops.entropy(t_logits, tp, **kw)]
     else:
         values = [ops.kl_divergence(s_logits, t_logits, tp, kind="forward", **kw), top_s == top_t, -lp_s]
+    sums = [torch.where(m, v.to(torch.float64), 0.0).sum() for v in values]
+    return torch.stack(sums + [m.sum().to(torch.float64)]).detach()
+
+
+def _token_sums_from_scores(s_logits: torch.Tensor, t, mb: RolloutBatch, source: str, tp, kw) -> torch.Tensor:
+    """`_token_sums` with the teacher's side from its TeacherTokens `t` (lp_t, top-1 ids, entropy) instead of its
+    logits: the full-vocabulary KL entries are nan."""
+    m = mb.response_mask & ~mb.prefix_mask
+    targets = mb.targets.to(s_logits.device)
+    lp_s = ops.token_logprobs(s_logits, targets, tp, **kw)
+    top_s = ops.topk_logprobs(s_logits, 1, tp, **kw)[1][..., 0]
+    top_t = t.tk_ids[..., 0]
+    nan = torch.full_like(lp_s, float("nan"))
+    if source == "student":
+        values = [lp_s - t.lp_t, (top_t == targets), nan, top_s == top_t, -t.lp_t, ops.entropy(s_logits, tp, **kw),
+                  t.ent_t]
+    else:
+        values = [nan, top_s == top_t, -lp_s]
     sums = [torch.where(m, v.to(torch.float64), 0.0).sum() for v in values]
     return torch.stack(sums + [m.sum().to(torch.float64)]).detach()

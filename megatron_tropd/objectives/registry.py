@@ -82,12 +82,14 @@ class Objective:
     requirements: Requirements
     offline: OfflineTerm | None = None  # the dense divergence on teacher-written rollouts, when the run has them
 
-    def __call__(self, inputs: TokenInputs, weights: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def __call__(self, inputs: TokenInputs, weights: torch.Tensor,
+                 row_groups: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, Metrics]:
         """loss = sum(weights * per_token) (a scalar; summed over micro-batches and DP ranks = global mean).
 
         `weights` [b, s] from aggregation.token_weights. metrics: name -> (value sum, token count) to be summed
         over micro-batches and DP ranks and divided at the end (aggregation.reduce_metrics). Per-sequence
-        metrics (response_tokens, prefix_tokens) count sequences.
+        metrics (response_tokens, prefix_tokens) count sequences. `row_groups`: name -> [b] bool rows; each metric
+        is also reported over those rows only, as `<name>/<metric>` (per-teacher metrics: `teacher/<name>/...`).
         """
         inputs.validate(self.requirements)
         if tuple(weights.shape) != tuple(inputs.lp_s.shape):
@@ -95,7 +97,11 @@ class Objective:
         per_token, metrics = per_token_loss(inputs, self.cfg, self.offline)
         w = safe(weights.detach().to(per_token.dtype), inputs.response_mask)
         loss = (w * per_token).sum()
-        return loss, summarize(metrics)
+        out = summarize(metrics)
+        for group, rows in (row_groups or {}).items():
+            out.update(summarize({f"{group}/{k}": (v, m & rows.view(-1, *[1] * (m.dim() - 1)))
+                                  for k, (v, m) in metrics.items()}))
+        return loss, out
 
 
 def build_objective(cfg: ObjectiveConfig | dict | str, offline: OfflineTerm | None = None) -> Objective:

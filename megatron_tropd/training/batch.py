@@ -23,6 +23,7 @@ class RolloutBatch:
     positions: torch.Tensor  # [b, S-1] int64 position of the target token in its sequence
     weight_versions: torch.Tensor  # [b] int64 engine weight version that generated each sample
     offline_mask: torch.Tensor  # [b, S-1] bool: target is a token of a teacher-written rollout (offline sample)
+    routes: torch.Tensor  # [b] int64 index of the teacher that scores each sequence (training/teachers.py)
 
     @property
     def size(self) -> int:
@@ -53,8 +54,12 @@ class RolloutBatch:
         """This data-parallel rank's sequences: the global batch is cut into `minibatches` (one optimizer step
         each) and every minibatch is split over the DP ranks, so a minibatch holds the same sequences whatever
         the DP size (the step is layout invariant)."""
-        parts = [mini.split(dp_size)[dp_rank] for mini in self.split(minibatches)]
-        return RolloutBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(self)})
+        return RolloutBatch.concat([mini.split(dp_size)[dp_rank] for mini in self.split(minibatches)])
+
+    @staticmethod
+    def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
+        """The rows of `parts` in order (all of one sequence length)."""
+        return RolloutBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(RolloutBatch)})
 
     def micro_batches(self, micro_batch_size: int) -> list["RolloutBatch"]:
         if self.size % micro_batch_size:
@@ -67,11 +72,14 @@ class RolloutBatch:
 
 
 def build_batch(samples: list[Sample], pad_id: int, sample_ids: list[int] | None = None,
-                pad_to_multiple: int = 8, min_length: int = 0) -> RolloutBatch:
+                pad_to_multiple: int = 8, min_length: int = 0, routes: list[int] | None = None) -> RolloutBatch:
     """Right-pad `samples` into a RolloutBatch. The model input length S-1 is rounded up to `pad_to_multiple`
-    (stable shapes for pipeline p2p buffers; sequence parallelism needs S-1 divisible by TP)."""
+    (stable shapes for pipeline p2p buffers; sequence parallelism needs S-1 divisible by TP). `routes`: each
+    sample's teacher index (default: all 0, the first teacher)."""
     if not samples:
         raise ValueError("cannot build a batch from zero samples")
+    if routes is not None and len(routes) != len(samples):
+        raise ValueError(f"{len(routes)} routes for {len(samples)} samples")
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     seq = max(max(lengths), min_length) - 1
     seq = -(-seq // pad_to_multiple) * pad_to_multiple + 1
@@ -102,4 +110,5 @@ def build_batch(samples: list[Sample], pad_id: int, sample_ids: list[int] | None
         tokens=tokens, response_mask=response, prefix_mask=prefix, lp_roll=lp_roll,
         sample_ids=torch.tensor(ids, dtype=torch.int64), positions=positions,
         weight_versions=torch.tensor([s.weight_version for s in samples], dtype=torch.int64), offline_mask=offline,
+        routes=torch.tensor(routes if routes is not None else [0] * b, dtype=torch.int64),
     )

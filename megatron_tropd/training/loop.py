@@ -77,9 +77,11 @@ def train_step(run: Run, step: int) -> dict:
     """Rollouts -> this rank's share of the batch -> teacher scoring and update -> weight sync. Metrics on every
     rank."""
     t0 = time.time()
-    samples, sample_ids = collect_rollouts(run, run.sampler.next_batch(), step)
+    prompts = run.sampler.next_batch()
+    samples, sample_ids = collect_rollouts(run, prompts, step)
     t_roll = time.time() - t0
-    batch = build_batch(samples, run.pad_id, sample_ids, pad_to_multiple=8 * run.groups.tp_size)
+    routes = [run.router.route(p) for p in sample_prompts(run, prompts, sample_ids, step)] if run.router else None
+    batch = build_batch(samples, run.pad_id, sample_ids, pad_to_multiple=run.pad_multiple, routes=routes)
     mine = batch.dp_shard(run.groups.dp_size, run.groups.dp_rank, run.cfg.optim.minibatches_per_update)
     timings = {}
     metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts,
@@ -137,6 +139,13 @@ def collect_rollouts(run: Run, prompts, step: int):
     box = [payload]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sample_prompts(run: Run, prompts: list, sample_ids: list[int], step: int) -> list:
+    """The prompt of each sample (sample id = request id x samples_per_prompt + j, request id = step x
+    prompts_per_step + prompt index: `collect_rollouts`)."""
+    n, base = run.cfg.rollout.samples_per_prompt, step * run.cfg.rollout.prompts_per_step
+    return [prompts[sid // n - base] for sid in sample_ids]
 
 
 def check_weight_versions(samples, version: int, max_lag: int) -> None:

@@ -2,7 +2,8 @@
 
 One PNG per metric (`<out>/<name>.png`, eval metrics as `eval_<name>.png`), an overview grid `overview.png`, and
 (without --metrics, when the run has held-out metrics) `eval_distillation.png`: the held-out distillation metrics
-side by side, the teacher's own value as a dashed line where one exists.
+side by side, the teacher's own value as a dashed line where one exists. With several teachers, one PNG per metric comparing them
+(`teachers_<metric>.png` from `teacher/<name>/<metric>`).
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, metrics: li
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    written += _teacher_panels(plt, train, out)
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 2.8 * rows), squeeze=False)
@@ -116,6 +118,33 @@ def _distillation_figure(plt, evals: list[dict], out: Path) -> list[Path]:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]
+
+
+def _teacher_panels(plt, records: list[dict], out: Path) -> list[Path]:
+    """Several teachers: one PNG per metric with every teacher's curve (`teacher/<name>/<metric>` ->
+    `teachers_<metric>.png`)."""
+    by_metric: dict[str, list[str]] = {}
+    for name in _numeric_names(records):
+        m = re.fullmatch(r"teacher/([^/]+)/(.+)", name)
+        if m:
+            by_metric.setdefault(m.group(2), []).append(m.group(1))
+    written = []
+    for metric, teachers in by_metric.items():
+        if len(teachers) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for t in teachers:
+            ax.plot(*_series(records, f"teacher/{t}/{metric}"), marker=".", label=t)
+        ax.set_xlabel("step")
+        ax.set_title(f"{metric} by teacher")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = out / f"teachers_{_safe(metric)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def run(args: argparse.Namespace) -> int:

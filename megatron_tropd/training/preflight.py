@@ -3,6 +3,10 @@
     check_config(cfg)     # the config alone: sections, layout sizes, batch split, objective (no files)
     inputs = preflight(cfg)  # + model dirs, HF config.json, tokenizer files, prompt data, held-out split
 
+Several teachers (`teacher` + `teachers: [...]`) are each checked like the one teacher: directory, config.json,
+their own layout (`training/teachers.py`), one shared tokenizer, what their scorer can serve, and the routes: every
+prompt row must route to a teacher.
+
 Everything here reads small files only (config.json, tokenizer files, the prompt data); no weights are read and no
 model is built, and no process group is needed (the rank count comes from WORLD_SIZE, as torchrun sets it), so a
 bad input fails in well under a second on every rank. Every failure is one line naming the key, its value
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_tropd.config import Config, ConfigError
+from megatron_tropd.config.schema import all_teachers
 from megatron_tropd.data import DataError, PromptDataset
 from megatron_tropd.models.arch import ModelArch, align_vocab_padding, check_layout
 from megatron_tropd.objectives import Objective, build_objective
@@ -40,6 +45,15 @@ class ResolvedInputs:
     objective: Objective
     dataset: PromptDataset
     dp_size: int
+    teachers: list = None  # [ResolvedTeacher]: every teacher, `teacher` first (teacher_dir / teacher_arch are its)
+    router: Any = None  # training.teachers.Router: prompt -> teacher index
+
+
+@dataclass
+class ResolvedTeacher:
+    spec: Any  # training.teachers.TeacherSpec: config key, scorer kind, layout
+    dir: Path
+    arch: ModelArch  # padded alike with the student's
 
 
 def world_size_from_env() -> int:
@@ -78,6 +92,9 @@ def check_config(cfg: Config, world_size: int | None = None) -> Objective:
         objective = build_objective(cfg.objective, offline=cfg.offline.term())  # + offline term on teacher text
     except (ValueError, KeyError) as e:
         raise ConfigError(f"objective.name={cfg.objective.name!r}: {e}") from None
+    from megatron_tropd.training.teachers import check_serves, teacher_specs
+
+    check_serves(cfg, teacher_specs(cfg, world), objective.requirements, cfg.objective.name)
     if objective.requirements.full_vocab_kl is not None and pp > 1:
         raise ConfigError(f"objective.name={cfg.objective.name!r} (full-vocabulary KL) runs the teacher inside the "
                           f"student's micro-batch and needs parallel.pipeline_model_parallel_size=1 (got {pp}); use "
@@ -131,17 +148,22 @@ def _resolve_dir(role: str, path: str, cache: Path) -> Path:
         raise ConfigError(f"{role}.path={path!r}: {e}") from None
 
 
-def resolve_model_dirs(cfg: Config) -> tuple[Path, Path]:
-    """Student and teacher directories. Built-in models are materialised into the cache under a file lock: the
-    first rank of a machine writes them, the others wait and then find them complete."""
+def model_sections(cfg: Config) -> list[tuple[str, Any]]:
+    """(config key, model section) of the student and of every teacher, in that order."""
+    return [("student", cfg.student)] + all_teachers(cfg)
+
+
+def resolve_model_dirs(cfg: Config) -> list[Path]:
+    """Student and teacher directories (`model_sections` order). Built-in models are materialised into the cache
+    under a file lock: the first rank of a machine writes them, the others wait and then find them complete."""
     import fcntl
 
     from megatron_tropd.models.builtin import BUILTIN_PREFIX, default_cache_dir
 
     cache = default_cache_dir()
     out = []
-    for role in ("student", "teacher"):
-        path = getattr(cfg, role).path
+    for role, section in model_sections(cfg):
+        path = section.path
         if not path.startswith(BUILTIN_PREFIX):
             out.append(_resolve_dir(role, path, cache))
             continue
@@ -152,7 +174,7 @@ def resolve_model_dirs(cfg: Config) -> tuple[Path, Path]:
                 out.append(_resolve_dir(role, path, cache))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-    return out[0], out[1]
+    return out
 
 
 def _read_arch(role: str, path: str, model_dir: Path, require_weights: bool) -> ModelArch:
@@ -188,14 +210,18 @@ def _check_megatron_checkpoint(role: str, ckpt: str, arch: ModelArch) -> None:
                               f"{', '.join(diff)}; use the checkpoint converted from {role}.path")
 
 
-def _check_layouts(cfg: Config, archs: dict[str, ModelArch]) -> None:
+def _check_layouts(cfg: Config, archs: dict[str, ModelArch], specs: list) -> None:
+    """The student in parallel.*; each teacher in its own layout (the student's for same_layout)."""
+    from megatron_tropd.training.teachers import check_teacher_layout
+
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    for role, arch in archs.items():
-        try:
-            check_layout(arch, tp, pp, role=f"{role} ({getattr(cfg, role).path})")
-        except ValueError as e:
-            raise ConfigError(f"parallel.tensor_model_parallel_size={tp}, parallel.pipeline_model_parallel_size="
-                              f"{pp}: {e}") from None
+    try:
+        check_layout(archs["student"], tp, pp, role=f"student ({cfg.student.path})")
+    except ValueError as e:
+        raise ConfigError(f"parallel.tensor_model_parallel_size={tp}, parallel.pipeline_model_parallel_size="
+                          f"{pp}: {e}") from None
+    for spec in specs:
+        check_teacher_layout(spec, archs[spec.key])
 
 
 def _load_tokenizer(cfg: Config, student_dir: Path):
@@ -210,13 +236,17 @@ def _load_tokenizer(cfg: Config, student_dir: Path):
                           f"(tokenizer.json / tokenizer_config.json)") from None
 
 
-def _check_vocab(cfg: Config, dirs: tuple[Path, Path], archs: tuple[ModelArch, ModelArch], tokenizer) -> int:
+def _check_vocab(cfg: Config, dirs: dict[str, Path], archs: dict[str, ModelArch], tokenizer) -> int:
+    """Every teacher shares the student's tokenizer (so all teachers share one): the real vocabulary."""
     from megatron_tropd.training.roles import check_vocab_compatible
 
-    try:
-        return check_vocab_compatible(dirs[0], dirs[1], archs[0], archs[1], len(tokenizer))
-    except ValueError as e:
-        raise ConfigError(f"student.path={cfg.student.path}, teacher.path={cfg.teacher.path}: {e}") from None
+    vocab = None
+    for key, section in all_teachers(cfg):
+        try:
+            vocab = check_vocab_compatible(dirs["student"], dirs[key], archs["student"], archs[key], len(tokenizer))
+        except ValueError as e:
+            raise ConfigError(f"student.path={cfg.student.path}, {key}.path={section.path}: {e}") from None
+    return vocab
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +272,11 @@ def _check_lengths(cfg: Config, dataset: PromptDataset, archs: dict[str, ModelAr
                               f"{cfg.eval.max_new_tokens}) + the longest prompt ({longest} tokens) exceeds the "
                               f"{role}'s max_position_embeddings={arch.max_position_embeddings}; lower "
                               f"rollout.max_new_tokens or data.max_prompt_tokens")
+
+
+def _served(key: str, specs: list) -> bool:
+    """Whether teacher `key` scores on servers (its weights need not be on the trainer's file system)."""
+    return any(s.key == key and s.kind == "sglang" for s in specs)
 
 
 def _check_token_ids(cfg: Config, vocab: int, objective: Objective) -> None:
@@ -279,22 +314,31 @@ def preflight(cfg: Config, world_size: int | None = None, require_weights: bool 
     world = world_size if world_size is not None else world_size_from_env()
     objective = check_config(cfg, world)
     dp = world // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
-    dirs = resolve_model_dirs(cfg)
-    archs = {role: _read_arch(role, getattr(cfg, role).path, d, require_weights)
-             for role, d in zip(("student", "teacher"), dirs)}
-    for role, arch in archs.items():
-        if getattr(cfg, role).megatron_checkpoint:
-            _check_megatron_checkpoint(role, getattr(cfg, role).megatron_checkpoint, arch)
-    _check_layouts(cfg, archs)
-    tokenizer = _load_tokenizer(cfg, dirs[0])
-    vocab = _check_vocab(cfg, dirs, (archs["student"], archs["teacher"]), tokenizer)
+    from megatron_tropd.training.teachers import Router, teacher_specs
+
+    specs = teacher_specs(cfg, world)
+    sections = dict(model_sections(cfg))
+    dirs = dict(zip(sections, resolve_model_dirs(cfg)))
+    archs = {key: _read_arch(key, sections[key].path, d, require_weights and not _served(key, specs))
+             for key, d in dirs.items()}
+    for key, arch in archs.items():
+        if sections[key].megatron_checkpoint:
+            _check_megatron_checkpoint(key, sections[key].megatron_checkpoint, arch)
+    _check_layouts(cfg, archs, specs)
+    tokenizer = _load_tokenizer(cfg, dirs["student"])
+    vocab = _check_vocab(cfg, dirs, archs, tokenizer)
     _check_token_ids(cfg, vocab, objective)
     dataset = _load_data(cfg, tokenizer)
+    router = Router(specs, cfg.data.route_field)
+    router.check(dataset.train + dataset.eval)
     _check_lengths(cfg, dataset, archs)
     _check_eval(cfg, dataset, dp)
-    s_arch, t_arch = align_vocab_padding(archs["student"], archs["teacher"])
+    s_arch, *t_archs = align_vocab_padding(*archs.values())
+    t_arch = t_archs[0]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stop_ids = tuple(sorted({tokenizer.eos_token_id, *cfg.rollout.stop_token_ids} - {None}))
-    return ResolvedInputs(student_dir=dirs[0], teacher_dir=dirs[1], student_arch=s_arch, teacher_arch=t_arch,
+    teachers = [ResolvedTeacher(spec, dirs[spec.key], a) for spec, a in zip(specs, t_archs)]
+    return ResolvedInputs(student_dir=dirs["student"], teacher_dir=dirs["teacher"], student_arch=s_arch,
+                          teacher_arch=t_arch, teachers=teachers, router=router,
                           tokenizer=tokenizer, vocab=vocab, pad_id=pad_id, stop_ids=stop_ids, objective=objective,
                           dataset=dataset, dp_size=dp)

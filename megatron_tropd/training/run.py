@@ -2,8 +2,9 @@
 
     start-up checks (training/preflight.py: config, model dirs and config.json, layouts, tokenizer and vocabulary,
     prompt data, held-out split; built-ins materialised into the cache; no model, no process group) -> groups
-    -> student (DDP + optimizer + scheduler) and teacher scorer -> sampler
+    -> student (DDP + optimizer + scheduler) and the megatron teachers (each in its layout) -> sampler
     -> resume (model, optimizer, scheduler, RNG, sampler) -> rollout engines (+ first weight sync)
+    -> server-side teacher scorers (SGLang) -> the run's TeacherScorer (routed when there are several teachers)
     -> metrics logger (rank 0) -> held-out evaluation
 
 `Run.close()` closes the engines (and the SGLang servers this run launched) however the run ends.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +30,9 @@ from megatron_tropd.rollout.factory import build_engines, sync_weights
 from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
 from megatron_tropd.training.metrics import MetricsLogger
 from megatron_tropd.training.preflight import preflight
-from megatron_tropd.training.roles import Student, build_student, build_teacher, hf_loader
-from megatron_tropd.training.scoring import MegatronTeacherScorer, TeacherScorer
+from megatron_tropd.training.roles import Student, build_student, hf_loader
+from megatron_tropd.training.scoring import TeacherScorer
+from megatron_tropd.training import teachers as teachers_mod
 from megatron_tropd.training.step import StepOptions
 
 log = logging.getLogger("tropd")
@@ -53,6 +56,8 @@ class Run:
     start_step: int  # 0, or the step after the resumed checkpoint
     evaluate: HeldOutEval | None  # None without held-out prompts
     engines: dict = field(default_factory=dict)  # {"student": engine, "teacher": engine} on the generating rank
+    router: teachers_mod.Router | None = None  # prompt -> teacher index (RolloutBatch.routes)
+    pad_multiple: int = 8  # sequence padding: 8 x every TP size in use (pipeline buffers, sequence parallelism)
     logger: MetricsLogger | None = None  # rank 0 only
     t_start: float = field(default_factory=time.time)
 
@@ -89,18 +94,16 @@ def build_run(cfg: Config) -> Run:
     step_opts = StepOptions(temperature=cfg.rollout.temperature, vocab_size=vocab,
                             micro_batch_size=cfg.optim.micro_batch_size,
                             updates_per_batch=cfg.optim.updates_per_batch,
-                            minibatches_per_update=cfg.optim.minibatches_per_update)
-    teacher = MegatronTeacherScorer(
-        build_teacher(t_arch, groups, _weight_loader(cfg.teacher, teacher_dir, t_arch, groups),
-                      dtype=cfg.teacher.dtype, sequence_parallel=cfg.parallel.sequence_parallel),
-        groups, step_opts.score)
+                            minibatches_per_update=cfg.optim.minibatches_per_update,
+                            teacher_names=tuple(t.spec.name for t in inputs.teachers))
+    scorers = _megatron_teachers(cfg, inputs.teachers, groups, step_opts)  # index -> scorer (not sglang ones)
 
     sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
     run_dir = Path(cfg.train.run_dir)
     start = _resume(cfg, run_dir, student, sampler, groups)
 
     run = Run(
-        cfg=cfg, groups=groups, student_arch=s_arch, student=student, teacher=teacher, objective=objective,
+        cfg=cfg, groups=groups, student_arch=s_arch, student=student, teacher=None, objective=objective,
         dataset=dataset, sampler=sampler,
         sampling=SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=stop_ids,
@@ -110,10 +113,20 @@ def build_run(cfg: Config) -> Run:
                                   prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed,
                                   length_dist=cfg.guidance.prefix_length),
         step_opts=step_opts, pad_id=pad_id, run_dir=run_dir, start_step=start, evaluate=None,
+        router=inputs.router, pad_multiple=8 * math.lcm(groups.tp_size, *(t.spec.tp or 1 for t in inputs.teachers)),
     )
     try:
         run.engines.update(build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=run.is_logger))
         sync_weights(run.engines, student, groups, s_arch, version=start)  # the engine samples the trained weights
+        for t in inputs.teachers:  # scorers on servers need the engines
+            if t.spec.kind in teachers_mod.EXTERNAL_SCORERS and t.spec.index not in scorers:
+                scorers[t.spec.index] = teachers_mod.EXTERNAL_SCORERS[t.spec.kind].build(dict(
+                    cfg=cfg, spec=t.spec, groups=groups, engines=run.engines, score=step_opts.score, vocab=vocab,
+                    pad_id=pad_id, objective=objective))
+        run.teacher = teachers_mod.compose([t.spec for t in inputs.teachers],
+                                           [scorers[t.spec.index] for t in inputs.teachers], groups)
+        if len(inputs.teachers) > 1 and run.is_logger:
+            log.info("teachers: " + "; ".join(t.spec.describe(groups.world_size) for t in inputs.teachers))
         if run.is_logger:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -126,6 +139,19 @@ def build_run(cfg: Config) -> Run:
         run.close()
         raise
     return run
+
+
+def _megatron_teachers(cfg: Config, teachers: list, groups: ParallelGroups, step_opts: StepOptions) -> dict:
+    """Each megatron teacher (same or own layout) built and loaded, in teacher order (collective)."""
+    cache: dict = {}
+    out = {}
+    for t in teachers:
+        if t.spec.kind not in ("same_layout", "own_layout"):
+            continue
+        out[t.spec.index] = teachers_mod.build_megatron_scorer(
+            t.spec, t.arch, lambda g, t=t: _weight_loader(t.spec.cfg, t.dir, t.arch, g), groups, step_opts.score,
+            cfg.optim.micro_batch_size, sequence_parallel=cfg.parallel.sequence_parallel, group_cache=cache)
+    return out
 
 
 def _resume(cfg: Config, run_dir: Path, student: Student, sampler: PromptSampler, groups: ParallelGroups) -> int:
@@ -155,6 +181,8 @@ def _held_out_eval(cfg: Config, run: Run, prompts: list, tokenizer, stop_ids: tu
                             stop_token_ids=stop_ids, seed=cfg.train.seed + 1)
     opts = HeldOutOptions(samples_per_prompt=cfg.eval.samples_per_prompt, micro_batch_size=cfg.optim.micro_batch_size,
                           vocab_size=vocab, pad_id=run.pad_id, run_dir=run.run_dir, benchmark=benchmark,
-                          benchmark_samples=cfg.eval.benchmark_samples, teacher_samples=cfg.eval.teacher_samples)
+                          benchmark_samples=cfg.eval.benchmark_samples, teacher_samples=cfg.eval.teacher_samples,
+                          pad_multiple=run.pad_multiple,
+                          routes=tuple(run.router.route(p) for p in prompts) if run.router else ())
     return HeldOutEval(prompts, run.engines.get("student"), run.teacher, run.student, run.groups, tokenizer, params,
                        opts, teacher_engine=run.engines.get("teacher"))

@@ -47,6 +47,7 @@ class StepOptions:
     # full-vocabulary objectives and offline distillation: teacher statistics from the in-step teacher logits
     # (False: teacher.score as well)
     fused_teacher: bool = True
+    teacher_names: tuple[str, ...] = ()  # with several teachers: metrics per teacher as teacher/<name>/<metric>
 
     @property
     def score(self) -> ScoreOptions:
@@ -172,7 +173,9 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
             offline_mask=mb.offline_mask, offline_kl=offline_kl,
         )
         weights = token_weights(mb.response_mask, mb.prefix_mask, ctx.counts, cfg.aggregation)
-        loss, metrics = objective(inputs, weights)
+        names = ctx.opts.teacher_names
+        rows = {f"teacher/{n}": mb.routes == j for j, n in enumerate(names)} if len(names) > 1 else None
+        loss, metrics = objective(inputs, weights, rows)
         # The total loss of this update = sum over micro-batches and DP ranks; count it once (rank 0, first mb).
         once = float(i == 0 and groups.dp_rank == 0)
         metrics["loss"] = (loss.detach().double(), torch.tensor(once, dtype=torch.float64))
