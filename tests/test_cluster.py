@@ -169,6 +169,21 @@ def test_every_sbatch_script_resolves_with_its_config(capsys, monkeypatch):
             assert (cfg.rollout.max_new_tokens, cfg.objective.topk, cfg.objective.prefix_beta) == (8096, 64, 1e-3)
 
 
+def test_large_recipe_dry_run_shows_separate_student_and_teacher_layouts(capsys, monkeypatch):
+    """The 32B -> 1.7B recipe: student TP 1 x DP 16, teacher in its own TP 4 x DP 4 layout on the same 16 ranks;
+    every rank's coordinates in both layouts, and the per-role memory plan with the time-shared peak."""
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "g[1-4]", "SLURM_NNODES": "4",
+                       "SLURM_GPUS_PER_NODE": "8", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    out = _dry_run(capsys, str(ROOT / "examples/configs/large_qwen3_32b_to_1.7b.yaml"))
+    assert "layout (student): TP=1 PP=1 DP=16 world=16" in out
+    assert "layout (teacher): TP=4 PP=1 DP=4 world=16 (own layout, time-shared" in out
+    # rank 6: student dp 6; teacher tp 6 % 4 = 2, dp (6 // 4) % 4 = 1 (megatron order: TP fastest, then DP)
+    assert "rank    6 g1 local 6: tp=0 pp=0 dp=6 | teacher: tp=2 pp=0 dp=1" in out
+    assert "rank   15 g2 local 7: tp=0 pp=0 dp=15 | teacher: tp=3 pp=0 dp=3" in out
+    assert "teacher /checkpoints/Qwen3-32B: TP=4 PP=1 DP=4" in out and "own layout (time-shared): peak" in out
+
+
 def test_shell_scripts_pass_bash_n_and_shellcheck():
     scripts = sorted(p for p in SLURM_DIR.iterdir() if p.suffix in (".sh", ".sbatch"))
     assert scripts

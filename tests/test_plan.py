@@ -145,3 +145,89 @@ def test_chunk_size_matches_ops():
     from megatron_tropd.cluster import plan
 
     assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS  # plan copies it to avoid importing torch.distributed
+
+
+# ------------------------------------------------------------------------------ each role in its own layout
+def test_plan_roles_match_hand_computation(capsys):
+    """`tropd plan --json`: Qwen3-1.7B student at TP 1 x DP 8 (distributed optimizer) and a Qwen3-8B teacher in its
+    own layout TP 2 x DP 4 (time-shared on the same 8 GPUs), bf16, s = 4096, b = 1, local attention."""
+    assert cli.main(["plan", "--student", "qwen3-1.7b", "--teacher", "qwen3-8b", "--tp", "1", "--dp", "8",
+                     "--teacher-tp", "2", "--distributed-optimizer", "--seq-len", "4096", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s, t = out["student"], out["teacher"]
+    # student, TP 1: q + k,v + o + SwiGLU mlp, plus 2 norms and q/k norms; tied embeddings (151936 = 1187 x 128)
+    s_local = 28 * (2048 * 2048 + 2 * 2048 * 1024 + 2048 * 2048 + 3 * 2048 * 6144 + 2 * 2048 + 2 * 128) \
+        + 151936 * 2048 + 2048
+    assert s["params_local"] == s_local
+    assert (s["weights"], s["gradients"], s["optimizer"]) == (2 * s_local, 4 * s_local, -(-12 * s_local // 8))
+    s_token = 6 * 2048 + (16 + 2 * 8) * 128 + (16 + 8) * 128 + 4 * 16 * 128 + 16 * 4096 + 5 * 6144  # per layer
+    assert s["activations"] == 28 * 4096 * s_token * 2
+    assert s["logits"] == 4096 * 151936 * 2 * 2 + (1 << 21) * 4 * 2
+    # teacher, TP 2 of 8 GPUs -> DP 4; untied embeddings, vocabulary padded to a multiple of 128 x 2: 152064 / 2
+    assert (t["layout"]["tp"], t["layout"]["pp"], t["layout"]["dp"]) == (2, 1, 4)
+    t_layer = (4096 * 4096 + 2 * 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 12288) // 2 + 2 * 4096 + 2 * 128
+    t_local = 36 * t_layer + 2 * 76_032 * 4096 + 4096
+    assert t["params_local"] == t_local and t["weights"] == 2 * t_local
+    assert (t["gradients"], t["optimizer"]) == (0, 0)  # frozen: no grad buffer, no optimizer state
+    t_token = 6 * 4096 + (32 + 16) * 128 // 2 + (32 + 8) * 128 // 2 + 4 * 32 * 128 // 2 + 32 * 4096 // 2 \
+        + 5 * 12288 // 2  # one layer's forward working set, per token
+    assert t["activations"] == 4096 * t_token * 2
+    assert t["logits"] == 4096 * 76_032 * 2 + (1 << 21) * 4 * 2
+    # placements: time-shared peak = the larger phase; servers leave the student alone on the trainer GPUs
+    s_total = 2 * s_local + 4 * s_local + -(-12 * s_local // 8) + s["activations"] + s["logits"]
+    t_total = 2 * t_local + t["activations"] + t["logits"]
+    scoring, training = 6 * s_local + -(-12 * s_local // 8) + t_total, s_total + 2 * t_local
+    own = out["placements"]["own_layout"]
+    assert (own["scoring"], own["training"], own["peak"]) == (scoring, training, max(scoring, training))
+    assert out["placements"]["servers"]["peak"] == s_total
+    # same layout (TP 1): the teacher at TP 1 plus both working sets at once is larger than the time-shared peak
+    assert out["placements"]["same_layout"]["peak"] > own["peak"]
+
+
+def test_plan_suggests_a_teacher_layout_and_offload_helps(capsys):
+    """A 32B teacher beside a 1.7B student at TP 1 x DP 16 on 80 GiB: TP 1 does not fit both (64 GB of teacher
+    weights); the suggestion is the smallest own teacher layout that does, and offloading lowers the peak."""
+    base = ["plan", "--student", "qwen3-1.7b", "--teacher", "qwen3-32b", "--tp", "1", "--dp", "16", "--recompute",
+            "--distributed-optimizer", "--flash-attention", "--seq-len", "9120", "--gpu-memory", "80", "--json"]
+    assert cli.main(base) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu_memory"] == 80 * GIB  # a bare number is GiB
+    first = out["teacher_fits"][0]
+    assert first["layout"]["tp"] * first["layout"]["pp"] == 2 and first["peak"] <= 0.9 * 80 * GIB
+    assert out["placements"]["same_layout"]["peak"] > 0.9 * 80 * GIB
+    assert cli.main(base + ["--teacher-tp", "2", "--offload-teacher"]) == 0
+    off = json.loads(capsys.readouterr().out)["placements"]["own_layout"]
+    assert cli.main(base + ["--teacher-tp", "2"]) == 0
+    on = json.loads(capsys.readouterr().out)["placements"]["own_layout"]
+    assert off["training"] < on["training"] and off["scoring"] == on["scoring"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sequence-parallel"], "--sequence-parallel needs --tp > 1"),
+    (["--tp", "x"], "argument --tp: invalid int value"),
+    (["--tp", "3"], "tensor parallel size 3 does not divide num_attention_heads=16"),
+    (["--teacher", "qwen3-8b", "--dp", "8", "--teacher-tp", "3"], "teacher TP=3 x PP=1 does not divide the 8 GPUs"),
+    (["--teacher-tp", "2"], "need --teacher"),
+    (["--gpu-memory", "eighty"], "cannot parse memory size 'eighty'"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+])
+def test_plan_bad_arguments_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) if "invalid int" in message else _no_raise():
+        code = cli.main(["plan", "--student", "qwen3-1.7b", "--seq-len", "128", *argv])
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_gpu_memory_sizes():
+    assert parse_bytes("80") == parse_bytes("80G") == parse_bytes("80GiB") == parse_bytes("80 gib") == 80 * GIB
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1000B") == 1000
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

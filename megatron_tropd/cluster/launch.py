@@ -6,8 +6,9 @@ It prints (and without --dry-run, starts for THIS node) exactly:
   [i*G, (i+1)*G) and the printed rank layout is the real one);
 - one `python -m sglang.launch_server` per server (GPUs, port, TP, memory fraction);
 - the TP/PP/DP coordinates of every trainer rank (megatron-core order tp-cp-ep-dp-pp: TP fastest, then DP,
-  then PP; student and teacher share the layout, so their vocabulary shards coincide);
-- the per-GPU memory plan from `tropd plan`.
+  then PP) for the student and for each teacher with a layout of its own (`teacher.scorer: own_layout`, time-shared
+  on the same GPUs; a same-layout teacher shares the student's coordinates, so their vocabulary shards coincide);
+- the per-GPU memory plan from `tropd plan`, each role in its own layout.
 
 The trainer learns the server URLs from TROPD_SGLANG_STUDENT_URLS / TROPD_SGLANG_TEACHER_URLS
 (comma-separated `http://host:port`).
@@ -164,6 +165,15 @@ class RankInfo:
 
 
 @dataclass
+class TeacherLayout:
+    name: str
+    kind: str  # same_layout | own_layout | sglang
+    tp: int
+    pp: int
+    dp: int
+
+
+@dataclass
 class LaunchPlan:
     env: ClusterEnv
     trainer_hosts: list[str]
@@ -175,6 +185,7 @@ class LaunchPlan:
     servers: list[Server]
     processes: dict[str, list[tuple[dict[str, str], list[str]]]] = field(default_factory=dict)  # host -> (env, argv)
     notes: list[str] = field(default_factory=list)
+    teachers: list[TeacherLayout] = field(default_factory=list)
 
 
 def rank_coords(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
@@ -221,6 +232,10 @@ def make_plan(cfg: Config, sg: SGLangConfig, cl: ClusterConfig, env: ClusterEnv,
         raise ValueError(f"trainer world size {world} ({trainer_nodes} nodes x {gpus} GPUs) is not divisible by "
                          f"TP {tp} x PP {pp}; change parallel.* or cluster.trainer_nodes")
     dp = world // (tp * pp)
+    from megatron_tropd.training.teachers import teacher_specs
+
+    teachers = [TeacherLayout(s.name, s.kind, s.tp, s.pp, world // (s.tp * s.pp) if s.tp else 0)
+                for s in teacher_specs(cfg, world)]
     ranks = []
     for r in range(world):
         t, p, d = rank_coords(r, tp, pp, dp)
@@ -234,7 +249,7 @@ def make_plan(cfg: Config, sg: SGLangConfig, cl: ClusterConfig, env: ClusterEnv,
                          f"shares these GPUs; keep it <= 0.5 unless the servers release memory during training")
     elif cfg.rollout.engine == "embedded":
         notes.append("rollout.engine=embedded: no SGLang servers (generation runs inside the trainer ranks)")
-    plan = LaunchPlan(env, trainer_hosts, rollout_hosts, tp, pp, dp, ranks, servers, notes=notes)
+    plan = LaunchPlan(env, trainer_hosts, rollout_hosts, tp, pp, dp, ranks, servers, notes=notes, teachers=teachers)
     plan.processes = node_processes(plan, sg, cl, config_path, overrides)
     return plan
 
@@ -312,7 +327,8 @@ def _arch_for(path: str, preset: str | None):
 
 def memory_summary(cfg: Config, plan: LaunchPlan, student_arch: str | None, teacher_arch: str | None,
                    flash: bool = True) -> str:
-    """`tropd plan` for this run; flash=True: GPU runs use the Transformer Engine spec (no [s, s] scores)."""
+    """`tropd plan` for this run (the student and `teacher`, each in its layout); flash=True: GPU runs use the
+    Transformer Engine spec (no [s, s] scores)."""
     from megatron_tropd.cluster import plan as planmod
 
     s, t = _arch_for(cfg.student.path, student_arch), _arch_for(cfg.teacher.path, teacher_arch)
@@ -325,8 +341,39 @@ def memory_summary(cfg: Config, plan: LaunchPlan, student_arch: str | None, teac
     work = planmod.Workload(seq, cfg.optim.micro_batch_size, cfg.student.recompute_activations,
                             cfg.student.dtype, cfg.teacher.dtype, flash_attention=flash)
     kind = "flash/TE attention" if flash else "local attention"
-    return f"memory plan (sequence {seq} tokens, micro-batch {work.micro_batch}, {kind}):\n" + planmod.format_plan(
-        planmod.memory_plan(s, t, layout, work), layout)
+    head = f"memory plan (sequence {seq} tokens, micro-batch {work.micro_batch}, {kind}):\n"
+    first = plan.teachers[0] if plan.teachers else TeacherLayout(cfg.teacher.name, "same_layout", plan.tp, plan.pp,
+                                                                 plan.dp)
+    extra = ("\nnote: the other teachers' weights add to each GPU's resident memory (see tropd plan)"
+             if len(plan.teachers) > 1 else "")
+    if first.kind == "same_layout":
+        return head + planmod.format_plan(planmod.memory_plan(s, t, layout, work), layout) + extra
+    s_plan = planmod.student_plan(s, layout, work)
+    if first.kind == "sglang":
+        return head + planmod.format_role(s_plan, cfg.student.path) + "\n" + planmod.format_pair(
+            planmod.pair_plan(s, t, layout, None, work, "servers")) + extra
+    t_layout = planmod.teacher_layout(first.tp, first.pp, len(plan.ranks), cfg.parallel.sequence_parallel)
+    pair = planmod.pair_plan(s, t, layout, t_layout, work, "own_layout", cfg.teacher.offload)
+    return "\n".join([head + planmod.format_role(s_plan, cfg.student.path),
+                      planmod.format_role(pair.teacher, cfg.teacher.path, "(own layout, time-shared)"),
+                      planmod.format_pair(pair)]) + extra
+
+
+def _layout_lines(plan: LaunchPlan) -> list[str]:
+    world = len(plan.ranks)
+    if all(t.kind == "same_layout" for t in plan.teachers):
+        return [f"layout (student and teacher): TP={plan.tp} PP={plan.pp} DP={plan.dp} world={world}"]
+    lines = [f"layout (student): TP={plan.tp} PP={plan.pp} DP={plan.dp} world={world}"]
+    for t in plan.teachers:
+        label = "teacher" if t.name == "teacher" else f"teacher {t.name}"
+        if t.kind == "sglang":
+            lines.append(f"layout ({label}): scored by the SGLang teacher servers")
+        elif t.kind == "same_layout":
+            lines.append(f"layout ({label}): the student's (TP={t.tp} PP={t.pp} DP={t.dp})")
+        else:
+            lines.append(f"layout ({label}): TP={t.tp} PP={t.pp} DP={t.dp} world={world} (own layout, "
+                         f"time-shared with the student on the trainer GPUs)")
+    return lines
 
 
 def describe(plan: LaunchPlan, memory: str) -> str:
@@ -335,10 +382,14 @@ def describe(plan: LaunchPlan, memory: str) -> str:
              f"({'SLURM' if e.slurm else 'local'}); this node: {e.hosts[e.node_id]} (node {e.node_id})",
              f"trainer nodes: {' '.join(plan.trainer_hosts)}",
              f"rollout nodes: {' '.join(plan.rollout_hosts) or '-'}",
-             f"layout (student and teacher): TP={plan.tp} PP={plan.pp} DP={plan.dp} "
-             f"world={len(plan.ranks)}", "ranks:"]
+             *_layout_lines(plan), "ranks:"]
+    own = [t for t in plan.teachers if t.kind == "own_layout"]
     for r in plan.ranks:
-        lines.append(f"  rank {r.rank:>4} {r.host} local {r.local_rank}: tp={r.tp} pp={r.pp} dp={r.dp}")
+        line = f"  rank {r.rank:>4} {r.host} local {r.local_rank}: tp={r.tp} pp={r.pp} dp={r.dp}"
+        for t in own:
+            tt, tpp, td = rank_coords(r.rank, t.tp, t.pp, t.dp)
+            line += f" | {'teacher' if t.name == 'teacher' else 'teacher ' + t.name}: tp={tt} pp={tpp} dp={td}"
+        lines.append(line)
     lines.append("servers:" if plan.servers else "servers: none")
     for s in plan.servers:
         lines.append(f"  {s.role}[{s.index}] {s.url} gpus {','.join(map(str, s.gpus))}")
