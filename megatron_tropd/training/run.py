@@ -119,8 +119,8 @@ def build_run(cfg: Config) -> Run:
         run.engines.update(build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=run.is_logger))
         sync_weights(run.engines, student, groups, s_arch, version=start)  # the engine samples the trained weights
         for t in inputs.teachers:  # scorers on servers need the engines
-            if t.spec.kind in teachers_mod.EXTERNAL_SCORERS and t.spec.index not in scorers:
-                scorers[t.spec.index] = teachers_mod.EXTERNAL_SCORERS[t.spec.kind].build(dict(
+            if t.spec.index not in scorers:
+                scorers[t.spec.index] = teachers_mod.external_scorer(t.spec.kind).build(dict(
                     cfg=cfg, spec=t.spec, groups=groups, engines=run.engines, score=step_opts.score, vocab=vocab,
                     pad_id=pad_id, objective=objective))
         run.teacher = teachers_mod.compose([t.spec for t in inputs.teachers],

@@ -73,11 +73,25 @@ class ExternalScorer:
 
 
 EXTERNAL_SCORERS: dict[str, ExternalScorer] = {}
+# The module that registers each external kind when imported (imported on first use, so nothing else has to).
+EXTERNAL_MODULES = {"sglang": "megatron_tropd.rollout.sglang_scoring"}
 
 
 def register_scorer(kind: str, scorer: ExternalScorer) -> None:
     """Plug a scorer kind in behind the seam (e.g. `register_scorer("sglang", ...)` in rollout/sglang_scoring.py)."""
     EXTERNAL_SCORERS[kind] = scorer
+
+
+def external_scorer(kind: str) -> ExternalScorer | None:
+    """The registered scorer of `kind`, importing its module (EXTERNAL_MODULES) first; None when there is none."""
+    if kind not in EXTERNAL_SCORERS and kind in EXTERNAL_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(EXTERNAL_MODULES[kind])
+        except ImportError:
+            return None
+    return EXTERNAL_SCORERS.get(kind)
 
 
 # ------------------------------------------------------------------------------------------------ start-up checks
@@ -146,7 +160,7 @@ def check_serves(cfg: Config, specs: list[TeacherSpec], req: Requirements, objec
                               f"shard aligned with the student's; use {spec.key}.scorer=same_layout (the student's "
                               f"TP/PP), or an objective on top-k / sampled-token log-probs")
         if spec.kind == "sglang":
-            ext = EXTERNAL_SCORERS.get("sglang")
+            ext = external_scorer("sglang")
             if ext is None:
                 raise ConfigError(f"{spec.key}.scorer=sglang: the SGLang teacher scorer is not available in this "
                                   f"build; use {spec.key}.scorer=megatron")
