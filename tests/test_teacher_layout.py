@@ -118,3 +118,32 @@ def test_own_layout_teacher_matches_same_layout(weights, reference, student, tea
                         tensor, other = tensor[:VOCAB], other[:VOCAB]  # padded rows differ by TP
                     torch.testing.assert_close(other, tensor, rtol=1e-5, atol=tol,
                                                msg=lambda m: f"{name} student {what} {pname}: {m}")
+
+
+def _save_teacher(groups, weights, path):
+    from megatron_tropd.conversion.megatron_io import save_megatron_checkpoint
+    from megatron_tropd.models.gpt import build_gpt_model
+
+    model = build_gpt_model(TEACHER, groups)
+    load_full_state_dict(model, weights["teacher"], groups)
+    save_megatron_checkpoint(model, path, groups)
+
+
+def _load_own_layout_teacher(groups, path):
+    from megatron_tropd.conversion.megatron_io import load_megatron_checkpoint
+    from megatron_tropd.distributed.parallel import build_groups
+    from megatron_tropd.training.roles import build_teacher
+
+    tg = build_groups(2, 1)
+    teacher = build_teacher(TEACHER, tg, lambda m: load_megatron_checkpoint(m, path, tg))
+    return gather_full_state_dict(teacher.model, tg)
+
+
+def test_own_layout_teacher_loads_a_megatron_checkpoint(weights, tmp_path):
+    """teacher.megatron_checkpoint in an own layout: saved at TP 1, loaded at teacher TP 2 beside a student TP 1 x
+    DP 2 (replica ids from the teacher's own DP group)."""
+    run_distributed(_save_teacher, 1, args=(weights, str(tmp_path / "ckpt")))
+    outs = run_distributed(_load_own_layout_teacher, 2, args=(str(tmp_path / "ckpt"),))
+    for out in outs:
+        for name, tensor in weights["teacher"].items():
+            assert torch.equal(out[name][:tensor.shape[0]], tensor), name

@@ -68,7 +68,10 @@ def load_megatron_checkpoint(model, ckpt_dir: str | Path, groups) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron distributed checkpoint (no metadata.json)")
-    request = model.sharded_state_dict()
+    # A model on a layout of its own (parallel.build_groups: an own-layout teacher) takes its replica ids from its
+    # own DP group, not megatron's global one (else some shards have no main replica).
+    explicit = getattr(groups, "collection", None) is not None
+    request = model.sharded_state_dict(metadata={"dp_cp_group": groups.dp}) if explicit else model.sharded_state_dict()
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     # only the model's entries: a training checkpoint also has optimizer and scheduler (common) state
     missing, unexpected = model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=False)
