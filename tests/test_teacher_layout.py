@@ -27,7 +27,7 @@ ALL = Requirements(teacher_topk=16, teacher_entropy=True)
 ADAM_EPS = 1e-6
 
 
-def _scorer(groups, weights, teacher_tp=None, teacher_pp=None):
+def _scorer(groups, weights, teacher_tp=None, teacher_pp=None, sequence_parallel=False):
     """The teacher in the student's layout (MegatronTeacherScorer), or in its own (OwnLayoutTeacherScorer)."""
     from megatron_tropd.distributed.parallel import build_groups
     from megatron_tropd.training.own_layout import OwnLayoutTeacherScorer
@@ -39,7 +39,8 @@ def _scorer(groups, weights, teacher_tp=None, teacher_pp=None):
         load = lambda m: load_full_state_dict(m, weights["teacher"], groups)  # noqa: E731
         return MegatronTeacherScorer(build_teacher(TEACHER, groups, load), groups, opts)
     tg = build_groups(teacher_tp, teacher_pp)
-    teacher = build_teacher(TEACHER, tg, lambda m: load_full_state_dict(m, weights["teacher"], tg))
+    teacher = build_teacher(TEACHER, tg, lambda m: load_full_state_dict(m, weights["teacher"], tg),
+                            sequence_parallel=sequence_parallel)
     return OwnLayoutTeacherScorer(teacher, tg, groups, opts)
 
 
@@ -147,3 +148,27 @@ def test_own_layout_teacher_loads_a_megatron_checkpoint(weights, tmp_path):
     for out in outs:
         for name, tensor in weights["teacher"].items():
             assert torch.equal(out[name][:tensor.shape[0]], tensor), name
+
+
+def _scores_only(groups, weights, teacher_tp, teacher_pp, sequence_parallel):
+    scorer = _scorer(groups, weights, teacher_tp, teacher_pp, sequence_parallel)
+    assert scorer.teacher.model.config.sequence_parallel == sequence_parallel
+    micro = build_batch(_samples(), pad_id=0).dp_shard(groups.dp_size, groups.dp_rank).micro_batches(2)
+    out = {}
+    for mb, t in zip(micro, scorer.score(micro, ALL)):
+        for r, sid in enumerate(mb.sample_ids.tolist()):
+            out[sid] = (t.lp_t[r], t.tk_lp[r], t.tk_ids[r], t.ent_t[r])
+    return out
+
+
+def test_own_layout_teacher_with_sequence_parallelism(weights, reference):
+    """Teacher TP 4 with sequence parallelism beside a student TP 1 x DP 4 (sequences padded to a multiple of 8)."""
+    outs = run_distributed(_scores_only, 4, args=(weights, 4, 1, True))
+    got = {sid: v for o in outs for sid, v in o.items()}
+    assert sorted(got) == sorted(reference["scores"])
+    for sid, (lp, tk, ids, ent) in got.items():
+        want = reference["scores"][sid]
+        torch.testing.assert_close(lp, want[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tk, want[1], rtol=0, atol=1e-5)
+        assert torch.equal(ids, want[2])
+        torch.testing.assert_close(ent, want[3], rtol=0, atol=1e-5)
