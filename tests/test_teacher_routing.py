@@ -115,8 +115,11 @@ def _train_routed(groups, overrides):
                 expected[p.metadata["task"]].extend(sids)
         if run.logger:
             run.logger.close()
-        return {"tags": tags, "routes": routes, "checked": checked, "seen": seen, "expected": expected,
-                "rank": groups.rank, "dp_rank": groups.dp_rank}
+        trained = {name: list(ids) for name, ids in seen.items()}
+        # held-out metrics through the router (an own-layout teacher has no aligned logits: full-vocab KL is nan)
+        held_out = run.evaluate(cfg.train.steps)
+        return {"held_out": held_out, "tags": tags, "routes": routes, "checked": checked, "seen": trained,
+                "expected": expected, "rank": groups.rank, "dp_rank": groups.dp_rank}
     finally:
         run.close()
 
@@ -131,6 +134,10 @@ def test_two_teachers_routed_by_task_train_end_to_end(setup, tmp_path):
         # over the DP ranks, each teacher scored exactly the samples whose prompt has its task (pad repeats aside)
         got = set(sum((o["seen"][name] for o in outs), []))
         assert got == set(first["expected"][name]) and got, name
+    held_out = first["held_out"]
+    assert held_out["reverse_kl_k1"] == pytest.approx(held_out["reverse_kl_k1"])  # finite
+    assert 0 <= held_out["token_agreement"] <= 1 and held_out["teacher_nll"] > 0
+    assert held_out["reverse_kl"] != held_out["reverse_kl"]  # nan: not computed without aligned teacher logits
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
     for name in ("add", "mul"):

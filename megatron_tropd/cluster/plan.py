@@ -337,7 +337,8 @@ def pair_plan(student: ModelArch, teacher: ModelArch | None, s_layout: Layout, t
         return PairPlan("servers", s_plan, None)
     if placement == "same_layout":
         t_plan = teacher_plan(teacher, s_layout, work)
-        return PairPlan(placement, s_plan, t_plan, same_layout_total=memory_plan(student, teacher, s_layout, work).total)
+        total = memory_plan(student, teacher, s_layout, work).total
+        return PairPlan(placement, s_plan, t_plan, same_layout_total=total)
     return PairPlan(placement, s_plan, teacher_plan(teacher, t_layout, work), offload=offload)
 
 
@@ -389,7 +390,8 @@ def format_role(plan: RolePlan, name: str = "", note: str = "") -> str:
 def format_pair(plan: PairPlan) -> str:
     if plan.placement == "own_layout":
         return (f"own layout (time-shared{', teacher offloaded while training' if plan.offload else ''}): peak "
-                f"{plan.peak / GIB:.2f} GiB = max(scoring {plan.scoring / GIB:.2f}, training {plan.training / GIB:.2f})")
+                f"{plan.peak / GIB:.2f} GiB = max(scoring {plan.scoring / GIB:.2f}, "
+                f"training {plan.training / GIB:.2f})")
     if plan.placement == "same_layout":
         return f"same layout (both models resident, co-scheduled): peak {plan.peak / GIB:.2f} GiB"
     return f"servers (teacher on its own GPUs; trainer GPUs hold the student only): peak {plan.peak / GIB:.2f} GiB"

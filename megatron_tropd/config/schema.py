@@ -38,12 +38,12 @@ class TeacherConfig(ModelConfig):
     """A teacher: its weights, how it scores the rollouts (its scorer and layout) and which samples it scores."""
 
     name: str = "teacher"  # label in metrics (teacher/<name>/...) and messages; unique across teachers
-    scorer: str = "megatron"  # megatron (same_layout if its TP/PP equal the student's, else own_layout) | same_layout | own_layout | sglang
+    scorer: str = "megatron"  # megatron (= same_layout at the student's TP/PP, else own_layout) | same_layout | own_layout | sglang
     tensor_model_parallel_size: int = 0  # the teacher's own TP (0 = the student's); needs own_layout when different
     pipeline_model_parallel_size: int = 0  # the teacher's own PP (0 = the student's); teacher DP = ranks / (TP * PP)
     micro_batch_size: int = 0  # own_layout: sequences per teacher micro-batch (0 = optim.micro_batch_size)
     offload: bool = False  # own_layout on GPU: weights wait in pinned host memory while the student trains
-    routes: list[str] = field(default_factory=list)  # route tags (data.route_field values) it scores; [] = the default teacher
+    routes: list[str] = field(default_factory=list)  # data.route_field values it scores; [] = the default teacher
 
 
 @dataclass

@@ -43,7 +43,7 @@ class DataConfig:
     use_chat_template: bool = True  # wrap the prompt as a user message with the tokenizer's chat template if any
     max_prompt_tokens: int | None = 512  # longer prompts are bad rows (None: no limit)
     on_bad_row: str = "skip"  # "skip" (logging.warning with file:line) | "fail" (raise DataError)
-    route_field: str = "source_dataset"  # row field whose value routes a sample to a teacher (teacher.routes); reasoning-gym rows: the task
+    route_field: str = "source_dataset"  # row field routing a sample to a teacher (teacher.routes); reasoning-gym: task
 
     def __post_init__(self) -> None:
         if self.source not in ("reasoning_gym", "jsonl", "parquet"):
