@@ -169,7 +169,8 @@ class HeldOutEval:
 
         micro = self._micro_batches(samples)
         scorer = with_score_options(self.teacher, self.score_opts)
-        scores = scorer.score(micro, Requirements(teacher_topk=1, teacher_entropy=True))
+        entropy = getattr(scorer, "capabilities", {}).get("entropy", True)  # servers: no full-vocabulary entropy
+        scores = scorer.score(micro, Requirements(teacher_topk=1, teacher_entropy=entropy))
         names = STUDENT_SUMS if source == "student" else TEACHER_SUMS
         total = torch.zeros(len(names) + 1, dtype=torch.float64)
         for j, mb in enumerate(micro):
@@ -235,7 +236,7 @@ def _token_sums(s_logits: torch.Tensor, t_logits: torch.Tensor, mb: RolloutBatch
 
 def _token_sums_from_scores(s_logits: torch.Tensor, t, mb: RolloutBatch, source: str, tp, kw) -> torch.Tensor:
     """`_token_sums` with the teacher's side from its TeacherTokens `t` (lp_t, top-1 ids, entropy) instead of its
-    logits: the full-vocabulary KL entries are nan."""
+    logits: the full-vocabulary KL entries are nan (and the teacher entropy when the scorer has none)."""
     m = mb.response_mask & ~mb.prefix_mask
     targets = mb.targets.to(s_logits.device)
     lp_s = ops.token_logprobs(s_logits, targets, tp, **kw)
@@ -244,7 +245,7 @@ def _token_sums_from_scores(s_logits: torch.Tensor, t, mb: RolloutBatch, source:
     nan = torch.full_like(lp_s, float("nan"))
     if source == "student":
         values = [lp_s - t.lp_t, (top_t == targets), nan, top_s == top_t, -t.lp_t, ops.entropy(s_logits, tp, **kw),
-                  t.ent_t]
+                  t.ent_t if t.ent_t is not None else nan]
     else:
         values = [nan, top_s == top_t, -lp_s]
     sums = [torch.where(m, v.to(torch.float64), 0.0).sum() for v in values]

@@ -225,6 +225,11 @@ class RoutedTeacherScorer:
         if all(getattr(s, "micro_batch_logits", None) is not None for s in self.scorers):
             self.micro_batch_logits = self._routed_logits  # every teacher in the student's layout
 
+    @property
+    def capabilities(self) -> dict:
+        """What every teacher can serve (servers give no full-vocabulary entropy)."""
+        return {"entropy": all(getattr(s, "capabilities", {}).get("entropy", True) for s in self.scorers)}
+
     @torch.no_grad()
     def _routed_logits(self, micro_batch: RolloutBatch) -> torch.Tensor | None:
         """Each row's logits shard [b, s, V_padded/tp] from its routed teacher (same-layout teachers only; each
@@ -325,8 +330,8 @@ def compose(specs: list[TeacherSpec], scorers: list[TeacherScorer], groups: Para
 
 def with_score_options(scorer: TeacherScorer, opts) -> TeacherScorer:
     """The same teacher(s) scoring at other ScoreOptions (the held-out evaluation's temperature): a shallow copy
-    sharing the models and groups. Scorers without `opts` (servers) are returned as they are when their options
-    already match, else ValueError."""
+    sharing the models and groups. A scorer without `opts` (servers) is returned as it is when its `temperature`
+    is the one asked for, else ValueError."""
     import copy
 
     if isinstance(scorer, RoutedTeacherScorer):
@@ -337,7 +342,11 @@ def with_score_options(scorer: TeacherScorer, opts) -> TeacherScorer:
     if current == opts:
         return scorer
     if current is None:
-        raise ValueError(f"{type(scorer).__name__} cannot score at other options than its own ({opts})")
+        if getattr(scorer, "temperature", None) == opts.temperature:
+            return scorer
+        raise ValueError(f"{type(scorer).__name__} scores at temperature {getattr(scorer, 'temperature', None)}, not "
+                         f"at the held-out evaluation's {opts.temperature}; set eval.temperature to "
+                         f"rollout.temperature")
     out = copy.copy(scorer)
     out.opts = opts
     return out
