@@ -347,7 +347,7 @@ def run_ours(name: str, args) -> dict:
                 timer(loop_module, "build_batch", "batch", keep=seen)
                 timer(loop_module, "distill_step", "distill_step")
                 timer(loop_module, "sync_weights", "weight_sync")
-                timer(run.teacher, "score", "teacher_scoring")
+                timer(run.teacher, "score", "teacher_pass")
                 timer(step_module, "score_student_old", "student_old")
                 # teacher forwards inside the update: the full-vocabulary objectives' second teacher pass
                 teacher_model = getattr(getattr(run.teacher, "teacher", None), "model", None)
@@ -374,19 +374,23 @@ def run_ours(name: str, args) -> dict:
 
 
 # Per-phase seconds the step may export in its metrics (preferred over the benchmark's wrappers when present).
-STEP_TIMERS = {"teacher_scoring": "time/teacher_scoring_s", "student_old": "time/student_old_s",
-               "update_teacher_forward": "time/update_teacher_forward_s"}
+# The names are the ones training/loop.py and training/step.py export (time/teacher_s: the stand-alone teacher
+# pass, ~0 when the teacher is fused into the update; time/old_logprobs_s: likewise for the old log-probs).
+STEP_TIMERS = {"rollout": "time/rollout_s", "teacher_pass": "time/teacher_s", "student_old": "time/old_logprobs_s"}
 
 
 def _phases(sec: dict, total: float) -> tuple[dict, dict]:
     """Top-level phases (update = the step's time outside its two scoring passes; other = the rest of the step)
     and sub-phases, from the clock's per-call seconds."""
     distill = sec.get("distill_step", 0.0)
+    # all teacher forward time: the stand-alone pass plus the teacher forwards inside the update (a fused pass, or
+    # a full-vocabulary objective's second pass), so the phase means the same with and without fusion
+    teacher = sec.get("teacher_pass", 0.0) + sec.get("update_teacher_forward", 0.0)
     phases = {
         "rollout": sec.get("rollout", 0.0),
-        "teacher_scoring": sec.get("teacher_scoring", 0.0),
+        "teacher_scoring": teacher,
         "student_old": sec.get("student_old", 0.0),
-        "update": max(distill - sec.get("teacher_scoring", 0.0) - sec.get("student_old", 0.0), 0.0),
+        "update": max(distill - teacher - sec.get("student_old", 0.0), 0.0),
         "weight_sync": sec.get("weight_sync", 0.0),
     }
     phases["other"] = max(total - sum(phases.values()), 0.0)
@@ -400,7 +404,7 @@ def _ours_record(step_s: float, cpu_s: float, clock: PhaseClock, samples, batch,
     sec, cpu = dict(clock.seconds), dict(clock.cpu)
     exported = {phase: float(metrics[key]) for phase, key in STEP_TIMERS.items() if key in metrics}
     sec.update(exported)  # wall seconds; the CPU split stays the wrappers' (if any)
-    unmeasured = [p for p in ("teacher_scoring", "student_old") if p not in sec]
+    unmeasured = [p for p in ("teacher_pass", "student_old") if p not in sec]
     if unmeasured and missing:
         raise RuntimeError(f"bench_step: cannot time {unmeasured}: the step exports none of "
                            f"{[STEP_TIMERS[p] for p in unmeasured]} and the calls the benchmark wraps are gone "
