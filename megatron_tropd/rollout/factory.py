@@ -20,7 +20,10 @@ def build_engines(cfg, student_dir: Path, teacher_dir: Path, vocab: int, pad_id:
         return {}
     needs_teacher = needs_teacher_engine(cfg)
     if cfg.rollout.engine == "sglang":
-        return build_sglang_engines(cfg, student_dir, teacher_dir, needs_teacher)
+        from megatron_tropd.rollout.sglang_scoring import sglang_scores_teacher
+
+        return build_sglang_engines(cfg, student_dir, teacher_dir, needs_teacher or sglang_scores_teacher(cfg),
+                                    vocab=vocab)
     from megatron_tropd.models.arch import torch_dtype
     from megatron_tropd.rollout.embedded import EmbeddedEngine
 
@@ -44,22 +47,32 @@ def needs_teacher_engine(cfg) -> bool:
     return cfg.rollout.engine != "sglang" or bool(sg is not None and (sg.urls("teacher") or sg.teacher_servers > 0))
 
 
-def build_sglang_engines(cfg, student_dir: Path, teacher_dir: Path, needs_teacher: bool) -> dict:
+def build_sglang_engines(cfg, student_dir: Path, teacher_dir: Path, needs_teacher: bool,
+                         vocab: int | None = None) -> dict:
     """Attach to the configured / exported server URLs of each role, or launch servers (all at once, then wait
     for every /health_generate). Launched servers are owned by the engines: `close()` stops them; a failed
-    start-up stops the ones already started."""
+    start-up stops the ones already started. When the teacher servers also score (`sglang_scores_teacher`) at
+    rollout.temperature T != 1, launched ones serve the teacher folded for T (sglang_scoring.fold_temperature)
+    and the teacher engine samples prefixes at T / T_fold; attached ones report their fold on /model_info."""
     import logging
 
     from megatron_tropd.rollout import sglang_server as srv
     from megatron_tropd.rollout.sglang import SGLangEngine
     from megatron_tropd.rollout.sglang_config import SGLangConfig
+    from megatron_tropd.rollout.sglang_scoring import fold_temperature, servers_fold, sglang_scores_teacher
 
     sg = getattr(cfg, "sglang", SGLangConfig())
     run_dir = Path(cfg.train.run_dir)
     log_dir = Path(sg.log_dir) if sg.log_dir else run_dir / "sglang"
     weights_dir = Path(sg.weights_dir) if sg.weights_dir else run_dir / "sglang_weights"
     roles = {"student": (Path(student_dir), sg.student_servers)}
+    folds = {"student": 1.0, "teacher": 1.0}
     if needs_teacher:
+        t = float(cfg.rollout.temperature)
+        if sglang_scores_teacher(cfg) and t != 1.0 and not sg.urls("teacher"):
+            # input log-probs are at the server's raw logits: serve the teacher's logits / T
+            teacher_dir = fold_temperature(teacher_dir, run_dir / f"sglang_teacher_T{t:g}", t)
+            folds["teacher"] = t
         roles["teacher"] = (Path(teacher_dir), sg.teacher_servers)
     launched: dict[str, list] = {}
     try:
@@ -75,8 +88,12 @@ def build_sglang_engines(cfg, student_dir: Path, teacher_dir: Path, needs_teache
             logging.getLogger(__name__).info(f"SGLang servers healthy after {waited:.0f}s (logs in {log_dir})")
         engines = {}
         for role, (path, _) in roles.items():
+            fold = folds[role]
+            if role == "teacher" and sg.urls(role):  # attached: whatever their checkpoints are folded for
+                fold = servers_fold(sg.urls(role), sg.teacher_logit_temperature)
             engines[role] = SGLangEngine(urls=sg.urls(role) or None, servers=launched.get(role), cfg=sg, role=role,
-                                         base_model_dir=path, weights_dir=weights_dir if role == "student" else None)
+                                         base_model_dir=path, weights_dir=weights_dir if role == "student" else None,
+                                         logit_temperature=fold, vocab_size=vocab)
         return engines
     except BaseException:
         for ss in launched.values():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, Sample, SamplingParams
 from megatron_tropd.rollout.prefixes import generate_with_prefixes
@@ -86,14 +86,20 @@ def generate_teacher_samples(teacher: RolloutEngine, prompts: Sequence, counts: 
 
 def generate_mixed(student: RolloutEngine, teacher: RolloutEngine | None, prompts: Sequence,
                    prefix_lengths: list[list[int]], teacher_counts: Sequence[int], params: SamplingParams,
-                   request_ids: Sequence[int]) -> list[list[Sample]]:
+                   request_ids: Sequence[int], on_sample: Callable[[Sample], None] | None = None
+                   ) -> list[list[Sample]]:
     """Per prompt: len(prefix_lengths[i]) student rollouts (with teacher prefixes where l > 0,
-    rollout/prefixes.py), then teacher_counts[i] teacher-written ones."""
+    rollout/prefixes.py), then teacher_counts[i] teacher-written ones. on_sample: called with each final
+    sample once it is complete (generate_with_prefixes), e.g. `SGLangTeacherScorer.prefetch`."""
     if len(teacher_counts) != len(prompts):
         raise ValueError(f"teacher_counts has {len(teacher_counts)} entries for {len(prompts)} prompts")
-    own = generate_with_prefixes(student, teacher, prompts, prefix_lengths, params, request_ids=request_ids)
+    own = generate_with_prefixes(student, teacher, prompts, prefix_lengths, params, request_ids=request_ids,
+                                 on_sample=on_sample)
     written = generate_teacher_samples(teacher, prompts, teacher_counts, [len(ls) for ls in prefix_lengths],
                                        params, request_ids, student.weight_version)
+    if on_sample is not None:
+        for s in (s for group in written for s in group):
+            on_sample(s)
     return [a + b for a, b in zip(own, written)]
 
 

@@ -14,8 +14,9 @@ unique per step (e.g. step * prompts_per_step + i) so steps do not reuse random 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, Sample, SamplingParams
 
@@ -35,10 +36,14 @@ def plan_prefix_lengths(prompt_ids: Sequence[int], n_rollouts: int, step: int, o
 
 def generate_with_prefixes(student: RolloutEngine, teacher: RolloutEngine | None, prompts: Sequence,
                            prefix_lengths: list[list[int]], params: SamplingParams,
-                           request_ids: Sequence[int] | None = None) -> list[list[Sample]]:
+                           request_ids: Sequence[int] | None = None,
+                           on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
     """One list of samples per prompt (len(prefix_lengths[i]) rollouts, in order).
 
     prompts: `Prompt` objects (their `.token_ids`) or token-id sequences. request_ids: per prompt, default 0..n-1.
+    on_sample: called with every final sample as soon as it is complete (teacher-only ones right after the teacher
+    pass; student ones as the engine finishes them when it can report that, else after its `generate`), e.g. to
+    start scoring them while others still generate.
     """
     if len(prefix_lengths) != len(prompts):
         raise ValueError(f"prefix_lengths has {len(prefix_lengths)} entries for {len(prompts)} prompts")
@@ -78,15 +83,22 @@ def generate_with_prefixes(student: RolloutEngine, teacher: RolloutEngine | None
                                    meta={"sample_index": j, "teacher_only": True,
                                          "prefix_logprobs": list(pre.logprobs),
                                          "teacher_weight_version": pre.weight_version})
+                if on_sample is not None:
+                    on_sample(out[i][j])
                 continue
             s_keys.append((i, j))
             s_reqs.append(GenerationRequest(prompt_ids=_ids(prompts[i]), n=1, request_id=rids[i], first_sample_index=j,
                                             prefix_ids=tuple(pre.response_ids) if pre is not None else ()))
     if s_reqs:
-        for (i, j), (s,) in zip(s_keys, student.generate(s_reqs, params)):
+        reports = on_sample is not None and "on_sample" in inspect.signature(student.generate).parameters
+        generated = student.generate(s_reqs, params, on_sample=on_sample) if reports else \
+            student.generate(s_reqs, params)
+        for (i, j), (s,) in zip(s_keys, generated):
             pre = prefixes.get((i, j))
             s.meta.update(teacher_only=False, sample_index=j)
             if pre is not None:
                 s.meta.update(prefix_logprobs=list(pre.logprobs), teacher_weight_version=pre.weight_version)
             out[i][j] = s
+            if on_sample is not None and not reports:
+                on_sample(s)
     return out  # type: ignore[return-value]

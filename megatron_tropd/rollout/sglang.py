@@ -29,7 +29,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import requests
 import torch
@@ -58,9 +58,15 @@ class SGLangEngine:
     def __init__(self, urls: list[str] | None = None, *, servers: list[Server] | None = None,
                  cfg: SGLangConfig | None = None, role: str = "student", weight_version: int = 0,
                  base_model_dir: str | Path | None = None, weights_dir: str | Path | None = None,
-                 check_health: bool = True):
+                 check_health: bool = True, logit_temperature: float = 1.0, vocab_size: int | None = None):
         """urls: attach to running servers; servers: handles from `sglang_server.launch` (owned: closed here).
-        base_model_dir: the HF dir the servers started from (config/tokenizer for synced weight dirs)."""
+        base_model_dir: the HF dir the servers started from (config/tokenizer for synced weight dirs).
+        logit_temperature: the servers' checkpoint is temperature-folded (logits / logit_temperature, see
+        sglang_scoring.fold_temperature): requests are sent at temperature / logit_temperature, which samples
+        and reports log-probs at `temperature` of the unfolded model (greedy: same tokens, NaN log-probs).
+        vocab_size: the real vocabulary (the tokenizer's); when the served model (base_model_dir's config.json) has
+        more logit rows, every request masks them (`logit_bias` -1e30): no padding id is ever sampled and the
+        reported log-probs are normalised over the real vocabulary, as the trainer's."""
         self.cfg = cfg or SGLangConfig()
         validate(self.cfg)
         if servers is None:
@@ -77,6 +83,10 @@ class SGLangEngine:
         self._relaunch_lock = threading.Lock()
         self._latest_model_path: Path | None = self.base_model_dir
         self._closed = False
+        if not logit_temperature > 0:
+            raise ValueError(f"logit_temperature must be > 0; got {logit_temperature}")
+        self.logit_temperature = float(logit_temperature)
+        self._padding_bias = _padding_bias(self.base_model_dir, vocab_size)
         self.stats = {"requests": 0, "retries": 0, "relaunches": 0, "last_sync_s": 0.0, "last_update_s": 0.0}
         if check_health:
             for s in servers:
@@ -115,7 +125,10 @@ class SGLangEngine:
         self.close()
 
     # -- generation ----------------------------------------------------------------------------------------------
-    def generate(self, requests_: list[GenerationRequest], params: SamplingParams) -> list[list[Sample]]:
+    def generate(self, requests_: list[GenerationRequest], params: SamplingParams,
+                 on_sample: Callable[[Sample], None] | None = None) -> list[list[Sample]]:
+        """on_sample: called (in this thread) with each sample as soon as it is complete, while the others are
+        still generating (e.g. `SGLangTeacherScorer.prefetch`: scoring overlaps generation)."""
         if self._stale:
             raise WeightSyncError(f"SGLang {self.role} servers hold stale weights ({self._stale}); refusing to "
                                   "generate until a weight update succeeds")
@@ -129,10 +142,15 @@ class SGLangEngine:
                 if to_generate:
                     jobs.append((s, self._payload(req, prefix, cap - len(prefix), k, params),
                                  f"request_id={req.request_id} sample={k}"))
+                elif on_sample is not None:
+                    on_sample(s)  # complete already (its prefix ended it)
             group = [s for _, s, _ in opened]
             out.append(group)
         if jobs:
-            self._run_jobs(jobs, stop)
+            # greedy on a folded server picks the same tokens, but the T = 1 log-probs (the greedy convention)
+            # cannot be recovered from folded logits: NaN, so that nothing can use them by mistake
+            greedy_on_fold = params.temperature == 0 and self.logit_temperature != 1
+            self._run_jobs(jobs, stop, on_sample, nan_logprobs=greedy_on_fold)
         return out
 
     def _payload(self, req: GenerationRequest, prefix: list[int], budget: int, k: int,
@@ -141,13 +159,17 @@ class SGLangEngine:
         # always passes the tokenizer's EOS among the stop ids, so both engines stop at the same tokens there.
         # sampling_seed is honoured only by servers started with --enable-deterministic-inference (GPU attention
         # backends); the CPU torch-native server ignores it (docs/rollout.md, "Determinism").
-        sp = {"temperature": float(params.temperature), "top_p": float(params.top_p), "max_new_tokens": budget,
-              "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False, "no_stop_trim": True,
-              "sampling_seed": sample_seed(params.seed, req.request_id, k)}
+        # on a temperature-folded server (logits / T_fold) sampling at T / T_fold is sampling at T
+        sp = {"temperature": float(params.temperature) / self.logit_temperature, "top_p": float(params.top_p),
+              "max_new_tokens": budget, "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False,
+              "no_stop_trim": True, "sampling_seed": sample_seed(params.seed, req.request_id, k)}
+        if self._padding_bias:
+            sp["logit_bias"] = self._padding_bias
         return {"input_ids": list(req.prompt_ids) + prefix, "sampling_params": sp, "return_logprob": True,
                 "logprob_start_len": -1}
 
-    def _run_jobs(self, jobs: list[tuple[Sample, dict, str]], stop: set[int]) -> None:
+    def _run_jobs(self, jobs: list[tuple[Sample, dict, str]], stop: set[int],
+                  on_sample: Callable[[Sample], None] | None = None, nan_logprobs: bool = False) -> None:
         workers = min(self.cfg.concurrency, len(jobs))
         with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sglang-{self.role}") as ex:
             futs = {ex.submit(self._generate_one, payload, what): (s, what) for s, payload, what in jobs}
@@ -155,10 +177,21 @@ class SGLangEngine:
                 for fut in cf.as_completed(futs):
                     s, what = futs[fut]
                     self._fill(s, fut.result(), stop, what)
+                    if nan_logprobs:
+                        s.logprobs = [float("nan")] * len(s.logprobs)
+                    if on_sample is not None:
+                        on_sample(s)
             except BaseException:
                 for f in futs:
                     f.cancel()
                 raise
+
+    def request(self, payload: dict, what: str) -> dict:
+        """One `/generate` with this engine's retries, back-off, timeouts and dead-server policy (what
+        `sglang_scoring.SGLangTeacherScorer` sends; `what` names the request in errors)."""
+        if self._stale:
+            raise WeightSyncError(f"SGLang {self.role} servers hold stale weights ({self._stale})")
+        return self._generate_one(payload, what)
 
     def _generate_one(self, payload: dict, what: str) -> dict:
         """POST /generate with retries and back-off; relaunch a dead launched server if the policy says so."""
@@ -445,6 +478,17 @@ class SGLangEngine:
         finally:
             for s in self.servers:
                 srv.post(s.url, "/continue_generation", {}, timeout=30)
+
+
+def _padding_bias(model_dir: Path | None, vocab_size: int | None) -> dict[str, float] | None:
+    """logit_bias masking the logit rows of `model_dir`'s model beyond the real vocabulary (None: nothing to mask)."""
+    import json
+
+    cfg = model_dir / "config.json" if model_dir is not None else None
+    if vocab_size is None or cfg is None or not cfg.is_file():
+        return None
+    rows = int(json.loads(cfg.read_text()).get("vocab_size", vocab_size))
+    return {str(i): -1e30 for i in range(int(vocab_size), rows)} or None
 
 
 def _init_nccl_group(cfg: SGLangConfig, world: int):

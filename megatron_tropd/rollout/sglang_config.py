@@ -54,6 +54,8 @@ class SGLangConfig:
     nccl_master_addr: str = ""  # distributed path: address of trainer rank 0 as the servers see it
     nccl_master_port: int = 29700  # distributed path: rendezvous port of the weight-update group
     update_group_name: str = "tropd_weight_sync"  # distributed path: name of the NCCL group
+    # -- teacher scoring on the teacher servers (`teacher.scorer: sglang`, rollout/sglang_scoring.py) -------------
+    teacher_logit_temperature: float | None = None  # attached teacher servers whose model_path this machine cannot read: the temperature their checkpoint is folded for (1.0 = plain); None = read the fold marker
 
     def resolved_python(self) -> str:
         return self.python or os.environ.get("TROPD_SGLANG_PYTHON", "") or "python"
@@ -93,6 +95,8 @@ def validate(cfg: SGLangConfig) -> None:
     for key in ("startup_timeout_s", "request_timeout_s", "update_timeout_s"):
         if getattr(cfg, key) <= 0:
             bad(key, getattr(cfg, key), "must be > 0 seconds")
+    if cfg.teacher_logit_temperature is not None and not cfg.teacher_logit_temperature > 0:
+        bad("teacher_logit_temperature", cfg.teacher_logit_temperature, "must be > 0 (or null: read the marker)")
     if cfg.port_base and not 1024 <= cfg.port_base <= 65000:
         bad("port_base", cfg.port_base, "use 0 (free ports) or a port in [1024, 65000]")
     for u in cfg.student_urls + cfg.teacher_urls:

@@ -86,6 +86,8 @@ def train_step(run: Run, step: int) -> dict:
     timings = {}
     metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts,
                            timings=timings)
+    if hasattr(run.teacher, "step_metrics"):  # scorers on servers: their requests, prefetch hits, waits
+        metrics.update(run.teacher.step_metrics())
     t_sync = time.time()
     sync_weights(run.engines, run.student, run.groups, run.student_arch, version=step + 1)
     dt = time.time() - t0
@@ -130,8 +132,10 @@ def collect_rollouts(run: Run, prompts, step: int):
         # student rollouts (teacher prefixes per the schedule) + teacher-written ones (offline warm-up / mixing)
         mix = MixOptions(cfg.offline.warmup_steps, cfg.offline.lambda_student)
         lengths, n_teacher = plan_rollouts([p.id for p in prompts], n, step, run.prefix_opts, mix)
+        # a scorer on servers (SGLang) scores each sample as it completes, overlapping the other rollouts
+        prefetch = getattr(run.teacher, "prefetch", None)
         per_prompt = generate_mixed(run.engines["student"], run.engines.get("teacher"), prompts, lengths, n_teacher,
-                                    run.sampling, request_ids=rids)
+                                    run.sampling, request_ids=rids, on_sample=prefetch)
         samples = [s for group in per_prompt for s in group]
         sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
         check_weight_versions(samples, run.engines["student"].weight_version, cfg.rollout.max_weight_lag)
