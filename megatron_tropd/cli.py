@@ -10,7 +10,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("megatron_tropd.training.cli", "run on-policy distillation from a YAML config (+ key=value overrides)"),
     "eval": ("megatron_tropd.evaluation.cli", "benchmark accuracy (avg@k / pass@k) through a rollout engine"),
-    "plot": ("megatron_tropd.training.plot", "write PNG curves of a run's metrics"),
+    "plot": ("megatron_tropd.training.plot", "write PNG curves of a run's metrics, or several runs overlaid"),
     "plan": ("megatron_tropd.cluster.plan", "per-GPU memory estimate and smallest layouts that fit"),
     "launch": ("megatron_tropd.cluster.launch", "resolve a config against SLURM/local and print (or run) the commands"),
     "prune": ("megatron_tropd.models.prune_cli",
