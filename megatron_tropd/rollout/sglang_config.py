@@ -55,6 +55,7 @@ class SGLangConfig:
     nccl_master_port: int = 29700  # distributed path: rendezvous port of the weight-update group
     update_group_name: str = "tropd_weight_sync"  # distributed path: name of the NCCL group
     # -- teacher scoring on the teacher servers (`teacher.scorer: sglang`, rollout/sglang_scoring.py) -------------
+    score_while_generating: bool = True  # teacher.scorer=sglang: score each rollout as soon as it finishes (overlaps generation; on CPU servers that share cores it is slower, docs/rollout.md)
     teacher_logit_temperature: float | None = None  # attached teacher servers whose model_path this machine cannot read: the temperature their checkpoint is folded for (1.0 = plain); None = read the fold marker
 
     def resolved_python(self) -> str:

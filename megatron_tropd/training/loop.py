@@ -133,7 +133,7 @@ def collect_rollouts(run: Run, prompts, step: int):
         mix = MixOptions(cfg.offline.warmup_steps, cfg.offline.lambda_student)
         lengths, n_teacher = plan_rollouts([p.id for p in prompts], n, step, run.prefix_opts, mix)
         # a scorer on servers (SGLang) scores each sample as it completes, overlapping the other rollouts
-        prefetch = getattr(run.teacher, "prefetch", None)
+        prefetch = getattr(run.teacher, "prefetch", None) if cfg.sglang.score_while_generating else None
         per_prompt = generate_mixed(run.engines["student"], run.engines.get("teacher"), prompts, lengths, n_teacher,
                                     run.sampling, request_ids=rids, on_sample=prefetch)
         samples = [s for group in per_prompt for s in group]
