@@ -114,6 +114,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, tmp_path):
     assert "resumed from" in out
     assert killed_at < 3, "the run finished before it could be killed; the test proves nothing"
     assert _metrics(killed_dir) == _metrics(full_dir)
+    # --resume of a complete run: its summary, nothing trained or appended (what scripts/run_main.sh relies on)
+    before = (full_dir / "metrics.jsonl").read_text()
+    again = _cli(_overrides(tiny_models, full_dir, **extra), resume=True)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert f"{full_dir} is complete (step_000003); nothing to resume" in out and "tropd train finished" in out
+    assert (full_dir / "metrics.jsonl").read_text() == before
+    # a longer run continues from it instead
+    more = _cli(_overrides(tiny_models, full_dir, **{**extra, "train.steps": 5}), resume=True)
+    out, _ = more.communicate(timeout=600)
+    assert more.returncode == 0, out
+    assert "resumed from" in out and [r["step"] for r in _metrics(full_dir)] == [0, 1, 2, 3, 4]
 
 
 def _crash_mid_save(groups, run_dir):

@@ -52,7 +52,10 @@ def run(args) -> int:
     try:
         overrides = flag_overrides(args) + list(args.overrides) + (["train.resume=true"] if args.resume else [])
         cfg = load_config(args.config, overrides)
-        check_resume(cfg)
+        finished = check_resume(cfg)
+        if finished is not None:  # --resume of a run that already completed: its summary, nothing retrained
+            print(finished, flush=True)
+            return 0
         quiet_libraries()
         summary = train(cfg)
     except (ConfigError, DataError) as e:
@@ -61,16 +64,29 @@ def run(args) -> int:
     return 0 if summary is not None else 1
 
 
-def check_resume(cfg) -> None:
+def check_resume(cfg) -> str | None:
     """With train.resume, refuse a config that changes the objective, models or data of the checkpoint's run
-    before any model loads (`training.checkpoint.check_resume_config`; `build_run` checks again)."""
+    before any model loads (`training.checkpoint.check_resume_config`; `build_run` checks again). A run whose last
+    checkpoint is its final step and whose summary.json was written is complete: returns the summary's text (so a
+    pipeline can rerun a finished stage for free), else None."""
     if not cfg.train.resume:
-        return
-    from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint
+        return None
+    import json
+    from pathlib import Path
+
+    from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint, read_checkpoint_meta
+    from megatron_tropd.training.loop import summary_text
 
     ckpt = latest_checkpoint(cfg.train.run_dir)
-    if ckpt is not None:
-        check_resume_config(ckpt, cfg)
+    if ckpt is None:
+        return None
+    check_resume_config(ckpt, cfg)
+    summary_file = Path(cfg.train.run_dir) / "summary.json"
+    if read_checkpoint_meta(ckpt).get("step") == cfg.train.steps - 1 and summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        return f"tropd train: {cfg.train.run_dir} is complete ({ckpt.name}); nothing to resume" + \
+            summary_text(summary, Path(cfg.train.run_dir))
+    return None
 
 
 def quiet_libraries() -> None:
