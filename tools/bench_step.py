@@ -293,6 +293,9 @@ def patched(obj, name: str, wrapper, missing: list[str]):
 # Ours
 
 
+BENCH_STUDENT = "builtin:smollm2-135m-instruct:every5"  # 6 of 30 layers (docs/performance.md)
+
+
 def load_bench_config(overrides: list[str], args):
     from megatron_tropd.config import load_config
 
@@ -301,8 +304,8 @@ def load_bench_config(overrides: list[str], args):
               "rollout.engine=embedded", f"optim.micro_batch_size={args.micro_batch}", f"train.steps={args.steps}",
               "train.tensorboard=false", "train.progress=false", "student.dtype=float32", "teacher.dtype=float32",
               "rollout.engine_dtype=float32", "optim.updates_per_batch=1", "optim.minibatches_per_update=1"]
-    if args.student:
-        shared.append(f"student.path={args.student}")
+    # the benchmark's own pair (the example config's student is the pruned 15-layer one of the main job)
+    shared.append(f"student.path={args.student or BENCH_STUDENT}")
     if args.teacher:
         shared.append(f"teacher.path={args.teacher}")
     return load_config(CONFIG, shared + list(overrides) + list(args.override))
@@ -607,7 +610,7 @@ def parse_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
-    p.add_argument("--student", default=None, help="student HF dir (default: the example config's builtin)")
+    p.add_argument("--student", default=None, help=f"student HF dir (default: {BENCH_STUDENT})")
     p.add_argument("--teacher", default=None, help="teacher HF dir (default: the example config's builtin)")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides for our side (key=value)")
     p.add_argument("--peak-size", type=int, default=2048, help="matmul size of the peak measurement")
