@@ -81,7 +81,8 @@ def _train_routed(groups, overrides):
             s.score = recording(i, s)
         # one batch scored through the router vs each teacher scoring every row of it
         prompts = run.sampler.next_batch()
-        samples, ids = collect_rollouts(run, prompts, 0)
+        rollouts = collect_rollouts(run, prompts, 0)
+        samples, ids = rollouts.samples, rollouts.sample_ids
         tags = [p.metadata["task"] for p in sample_prompts(run, prompts, ids, 0)]
         routes = [run.router.route(p) for p in sample_prompts(run, prompts, ids, 0)]
         batch = build_batch(samples, run.pad_id, ids, pad_to_multiple=run.pad_multiple, routes=routes)

@@ -81,6 +81,9 @@ class RolloutConfig:
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop ids (the tokenizer's EOS always stops)
     engine_dtype: str = "float32"  # dtype of the embedded engine's HF model
     max_weight_lag: int = 0  # samples generated with weights this many versions old are still accepted
+    # Overlapped rollouts (docs/architecture.md): step n+1's rollouts are generated in a background thread on rank 0
+    # while step n trains, so they are one weight version old; the ratio is taken against the engine's log-probs.
+    overlap: bool = False  # generate the next step's rollouts while this one trains (needs max_weight_lag >= 1)
 
 
 @dataclass
@@ -190,6 +193,11 @@ def validate(cfg: Config) -> Config:
     if cfg.rollout.temperature == 0 and cfg.objective.name != "full_vocab":
         raise ConfigError("rollout.temperature = 0 (greedy) makes the rollout distribution degenerate; "
                           "on-policy objectives need temperature > 0")
+    if cfg.rollout.max_weight_lag < 0:
+        raise ConfigError(f"rollout.max_weight_lag must be >= 0; got {cfg.rollout.max_weight_lag}")
+    if cfg.rollout.overlap and cfg.rollout.max_weight_lag < 1:
+        raise ConfigError(f"rollout.overlap=true trains on samples one weight version old; it needs "
+                          f"rollout.max_weight_lag >= 1 (got {cfg.rollout.max_weight_lag})")
     if not 0.0 <= cfg.guidance.prefix_fraction <= 1.0:
         raise ConfigError(f"guidance.prefix_fraction must be in [0, 1]; got {cfg.guidance.prefix_fraction}")
     _check_choice("guidance", "prefix_length", cfg.guidance.prefix_length, ("uniform", "max"))

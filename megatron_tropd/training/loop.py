@@ -11,6 +11,8 @@
         log / held-out eval / checkpoint
 
 Rollouts are generated on global rank 0 (embedded engine) and broadcast; every other piece runs on all ranks.
+With rollout.overlap, step n+1's rollouts are generated in a background thread on rank 0 while step n trains
+(training/overlap.py; docs/architecture.md, "Overlapped rollouts").
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from megatron_tropd.training.batch import build_batch
 from megatron_tropd.training.checkpoint import save_checkpoint
 from megatron_tropd.training.flops import matmul_params, measure_peak_flops, real_tokens, step_flops
 from megatron_tropd.training.metrics import HELD_OUT_METRICS, TEACHER_REFERENCE, format_summary
+from megatron_tropd.training.overlap import Rollouts
 from megatron_tropd.training.run import Run, build_run
 from megatron_tropd.training.step import distill_step
 
@@ -58,7 +61,7 @@ def _loop(run: Run) -> dict | None:
             if run.logger and ev:
                 run.logger.log_eval(step + 1, ev)
         if (cfg.train.save_interval and (step + 1) % cfg.train.save_interval == 0) or step + 1 == cfg.train.steps:
-            save_checkpoint(run.run_dir, step, run.student, run.groups, {"sampler": run.sampler.state_dict()},
+            save_checkpoint(run.run_dir, step, run.student, run.groups, trainer_state(run),
                             keep_last=cfg.train.keep_last)
     after = run.evaluate(cfg.train.steps) if run.evaluate else None
     if not run.logger:
@@ -73,28 +76,72 @@ def _loop(run: Run) -> dict | None:
     return summary
 
 
+def trainer_state(run: Run) -> dict:
+    """What a checkpoint after the last trained step stores beside the model: the sampler's state as of the prompts
+    of the trained steps (and, with rollout.overlap, the next step's prefetched rollouts: training/overlap.py)."""
+    if run.rollouts is not None:
+        return run.rollouts.checkpoint_state()
+    return {"sampler": run.sampler.state_dict()}
+
+
 def train_step(run: Run, step: int) -> dict:
     """Rollouts -> this rank's share of the batch -> teacher scoring and update -> weight sync. Metrics on every
-    rank."""
+    rank. With rollout.overlap the rollouts were generated during the previous step (training/overlap.py) and the
+    next step's are generated while this one trains; the weight sync waits for that generation to end."""
     t0 = time.time()
-    prompts = run.sampler.next_batch()
-    samples, sample_ids = collect_rollouts(run, prompts, step)
+    if run.rollouts is not None:
+        prompts, rollouts = overlapped_rollouts(run, step)
+    else:
+        prompts = run.sampler.next_batch()
+        rollouts = collect_rollouts(run, prompts, step)
+    samples, sample_ids = rollouts.samples, rollouts.sample_ids
+    versions = [s.weight_version for s in samples]
+    check_weight_versions(samples, step, run.cfg.rollout.max_weight_lag)  # the student trained here is version step
     t_roll = time.time() - t0
     routes = [run.router.route(p) for p in sample_prompts(run, prompts, sample_ids, step)] if run.router else None
     batch = build_batch(samples, run.pad_id, sample_ids, pad_to_multiple=run.pad_multiple, routes=routes)
     mine = batch.dp_shard(run.groups.dp_size, run.groups.dp_rank, run.cfg.optim.minibatches_per_update)
     timings = {}
+    t_update = time.time()
     metrics = distill_step(run.student, run.teacher, mine, run.objective, run.groups, step, run.step_opts,
                            timings=timings)
+    t_update_end = time.time()
     if hasattr(run.teacher, "step_metrics"):  # scorers on servers: their requests, prefetch hits, waits
         metrics.update(run.teacher.step_metrics())
+    t_wait = time.time()
+    if run.rollouts is not None:
+        run.rollouts.finish()  # hand-off: the next step's generation has ended; the engine may be synced
     t_sync = time.time()
+    t_wait = t_sync - t_wait
     sync_weights(run.engines, run.student, run.groups, run.student_arch, version=step + 1)
     dt = time.time() - t0
     metrics.update({"time/step_s": dt, "time/rollout_s": t_roll, "time/sync_s": time.time() - t_sync, **timings,
-                    "throughput/tokens_per_s": int(batch.response_mask.sum()) / dt, "weight_version": step + 1})
+                    "time/rollout_wait_s": t_wait, "throughput/tokens_per_s": int(batch.response_mask.sum()) / dt,
+                    "weight_version": step + 1, "rollout/weight_version": min(versions),
+                    "rollout/weight_lag": step - min(versions)})
+    metrics.update(timeline(run.t_start, rollouts, t_update, t_update_end))
     metrics.update(utilisation(run, batch, timings, dt))
     return metrics
+
+
+def timeline(t_start: float, rollouts: Rollouts, update_start: float, update_end: float) -> dict:
+    """timeline/*: when this step's rollouts were generated and when its update ran, in seconds since `t_start`
+    (the run's start). With overlap the rollouts of step n+1 start before the update of step n ends."""
+    return {"timeline/rollout_start": rollouts.start - t_start, "timeline/rollout_end": rollouts.end - t_start,
+            "timeline/update_start": update_start - t_start, "timeline/update_end": update_end - t_start}
+
+
+def overlapped_rollouts(run: Run, step: int) -> tuple[list, Rollouts]:
+    """(prompts, rollouts) of `step` from the prefetcher (generated during the previous step, restored from the
+    checkpoint, or, at a run's first step, generated now), then the next step's generation is started in the
+    background; it runs on the engine at the current weight version while this step trains."""
+    pf = run.rollouts
+    if not pf.holds(step):  # the run's first step: nothing is ahead yet
+        pf.submit(step, lambda prompts: generate_rollouts(run, prompts, step))
+    prompts, rollouts = pf.take(step)
+    if step + 1 < run.cfg.train.steps:
+        pf.submit(step + 1, lambda prompts: generate_rollouts(run, prompts, step + 1))
+    return prompts, rollouts
 
 
 _PEAK_FLOPS: dict = {}  # measured once per process: device -> FLOP/s
@@ -122,27 +169,44 @@ def utilisation(run: Run, batch, timings: dict, dt: float) -> dict:
             "throughput/model_flops": flops}
 
 
-def collect_rollouts(run: Run, prompts, step: int):
-    """Rollouts of this step's prompts (teacher prefixes per the schedule, student continuations), generated on
-    the rank that holds the engines and broadcast to all ranks. Returns (samples, global sample ids)."""
+def collect_rollouts(run: Run, prompts, step: int) -> Rollouts:
+    """Rollouts of this step's prompts, generated on the rank that holds the engines and broadcast to all ranks
+    (a failed generation raises on every rank)."""
     payload = None
     if run.is_logger:
-        n, cfg = run.cfg.rollout.samples_per_prompt, run.cfg
-        rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]  # unique per step: seeds
-        # student rollouts (teacher prefixes per the schedule) + teacher-written ones (offline warm-up / mixing)
-        mix = MixOptions(cfg.offline.warmup_steps, cfg.offline.lambda_student)
-        lengths, n_teacher = plan_rollouts([p.id for p in prompts], n, step, run.prefix_opts, mix)
-        # a scorer on servers (SGLang) scores each sample as it completes, overlapping the other rollouts
-        prefetch = getattr(run.teacher, "prefetch", None) if cfg.sglang.score_while_generating else None
-        per_prompt = generate_mixed(run.engines["student"], run.engines.get("teacher"), prompts, lengths, n_teacher,
-                                    run.sampling, request_ids=rids, on_sample=prefetch)
-        samples = [s for group in per_prompt for s in group]
-        sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
-        check_weight_versions(samples, run.engines["student"].weight_version, cfg.rollout.max_weight_lag)
-        payload = (samples, sample_ids)
-    box = [payload]
+        try:
+            payload = generate_rollouts(run, prompts, step)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            payload = e
+    box = [payload if not isinstance(payload, Exception) else f"{type(payload).__name__}: {payload}"]
     dist.broadcast_object_list(box, src=0)
+    if isinstance(payload, Exception):
+        raise payload
+    if isinstance(box[0], str):
+        raise RuntimeError(f"rollout generation for step {step} failed on the generating rank: {box[0]}")
     return box[0]
+
+
+def generate_rollouts(run: Run, prompts, step: int) -> Rollouts:
+    """Rollouts of `step`'s prompts (teacher prefixes per the schedule, student continuations) on this rank's
+    engines; no collectives, so it may run in the generation thread (rollout.overlap). Sample seeds come from the
+    step's request ids, so the result does not depend on when it runs."""
+    t0 = time.time()
+    n, cfg = run.cfg.rollout.samples_per_prompt, run.cfg
+    rids = [step * cfg.rollout.prompts_per_step + i for i in range(len(prompts))]  # unique per step: seeds
+    # student rollouts (teacher prefixes per the schedule) + teacher-written ones (offline warm-up / mixing)
+    mix = MixOptions(cfg.offline.warmup_steps, cfg.offline.lambda_student)
+    lengths, n_teacher = plan_rollouts([p.id for p in prompts], n, step, run.prefix_opts, mix)
+    # a scorer on servers (SGLang) scores each sample as it completes, overlapping the other rollouts; not with
+    # rollout.overlap, where it would mix the next step's samples into the step being scored
+    prefetch = None
+    if cfg.sglang.score_while_generating and not cfg.rollout.overlap:
+        prefetch = getattr(run.teacher, "prefetch", None)
+    per_prompt = generate_mixed(run.engines["student"], run.engines.get("teacher"), prompts, lengths, n_teacher,
+                                run.sampling, request_ids=rids, on_sample=prefetch)
+    samples = [s for group in per_prompt for s in group]
+    sample_ids = [rid * n + j for rid, group in zip(rids, per_prompt) for j in range(len(group))]
+    return Rollouts(step, samples, sample_ids, t0, time.time())
 
 
 def sample_prompts(run: Run, prompts: list, sample_ids: list[int], step: int) -> list:
@@ -153,6 +217,9 @@ def sample_prompts(run: Run, prompts: list, sample_ids: list[int], step: int) ->
 
 
 def check_weight_versions(samples, version: int, max_lag: int) -> None:
+    """Refuse samples generated more than `max_lag` weight versions before `version` (the student's version at
+    the step that trains on them: the step index). With rollout.overlap every sample after the first step is
+    exactly one version old."""
     stale = [s.weight_version for s in samples if version - s.weight_version > max_lag]
     if stale:
         raise RuntimeError(f"{len(stale)} rollouts were generated with stale weights (versions {sorted(set(stale))}, "

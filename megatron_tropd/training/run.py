@@ -3,11 +3,13 @@
     start-up checks (training/preflight.py: config, model dirs and config.json, layouts, tokenizer and vocabulary,
     prompt data, held-out split; built-ins materialised into the cache; no model, no process group) -> groups
     -> student (DDP + optimizer + scheduler) and the megatron teachers (each in its layout) -> sampler
-    -> resume (model, optimizer, scheduler, RNG, sampler) -> rollout engines (+ first weight sync)
+    -> resume (model, optimizer, scheduler, RNG, sampler) -> rollout.overlap: the rollout prefetcher (+ the
+    checkpoint's prefetched rollouts) -> rollout engines (+ first weight sync)
     -> server-side teacher scorers (SGLang) -> the run's TeacherScorer (routed when there are several teachers)
     -> metrics logger (rank 0) -> held-out evaluation
 
-`Run.close()` closes the engines (and the SGLang servers this run launched) however the run ends.
+`Run.close()` joins the generation thread (rollout.overlap) and closes the engines (and the SGLang servers this run
+launched) however the run ends.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from megatron_tropd.rollout.base import SamplingParams
 from megatron_tropd.rollout.factory import build_engines, sync_weights
 from megatron_tropd.training.checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
 from megatron_tropd.training.metrics import MetricsLogger
+from megatron_tropd.training.overlap import RolloutPrefetcher
 from megatron_tropd.training.preflight import preflight
 from megatron_tropd.training.roles import Student, build_student, hf_loader
 from megatron_tropd.training.scoring import TeacherScorer
@@ -59,6 +62,7 @@ class Run:
     router: teachers_mod.Router | None = None  # prompt -> teacher index (RolloutBatch.routes)
     pad_multiple: int = 8  # sequence padding: 8 x every TP size in use (pipeline buffers, sequence parallelism)
     logger: MetricsLogger | None = None  # rank 0 only
+    rollouts: RolloutPrefetcher | None = None  # rollout.overlap: the generation thread (rank 0) and the step ahead
     t_start: float = field(default_factory=time.time)
 
     @property
@@ -66,6 +70,9 @@ class Run:
         return self.groups.rank == 0
 
     def close(self) -> None:
+        """Join the generation thread (rollout.overlap), then close the engines and the logger."""
+        if self.rollouts is not None:
+            self.rollouts.close()
         for engine in self.engines.values():
             engine.close()
         if self.logger is not None:
@@ -95,12 +102,13 @@ def build_run(cfg: Config) -> Run:
                             micro_batch_size=cfg.optim.micro_batch_size,
                             updates_per_batch=cfg.optim.updates_per_batch,
                             minibatches_per_update=cfg.optim.minibatches_per_update,
-                            teacher_names=tuple(t.spec.name for t in inputs.teachers))
+                            teacher_names=tuple(t.spec.name for t in inputs.teachers),
+                            ratio_against_rollout=cfg.rollout.overlap)  # overlap: samples are one version old
     scorers = _megatron_teachers(cfg, inputs.teachers, groups, step_opts)  # index -> scorer (not sglang ones)
 
     sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
     run_dir = Path(cfg.train.run_dir)
-    start = _resume(cfg, run_dir, student, sampler, groups)
+    start, trainer_state = _resume(cfg, run_dir, student, sampler, groups)
 
     run = Run(
         cfg=cfg, groups=groups, student_arch=s_arch, student=student, teacher=None, objective=objective,
@@ -115,6 +123,9 @@ def build_run(cfg: Config) -> Run:
         step_opts=step_opts, pad_id=pad_id, run_dir=run_dir, start_step=start, evaluate=None,
         router=inputs.router, pad_multiple=8 * math.lcm(groups.tp_size, *(t.spec.tp or 1 for t in inputs.teachers)),
     )
+    if cfg.rollout.overlap:  # training/overlap.py: a resumed run re-pends the rollouts its checkpoint prefetched
+        run.rollouts = RolloutPrefetcher(sampler, generating=run.is_logger)
+        run.rollouts.restore(trainer_state.get("prefetched"), start)
     try:
         run.engines.update(build_engines(cfg, student_dir, teacher_dir, vocab, pad_id, on_this_rank=run.is_logger))
         sync_weights(run.engines, student, groups, s_arch, version=start)  # the engine samples the trained weights
@@ -154,20 +165,23 @@ def _megatron_teachers(cfg: Config, teachers: list, groups: ParallelGroups, step
     return out
 
 
-def _resume(cfg: Config, run_dir: Path, student: Student, sampler: PromptSampler, groups: ParallelGroups) -> int:
+def _resume(cfg: Config, run_dir: Path, student: Student, sampler: PromptSampler, groups: ParallelGroups
+            ) -> tuple[int, dict]:
+    """(first step to train, the checkpoint's trainer state); (0, {}) when not resuming. Loads the model,
+    optimizer, scheduler, RNG and sampler state in place."""
     if not cfg.train.resume:
-        return 0
+        return 0, {}
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         if groups.rank == 0:
             log.info(f"no complete checkpoint in {run_dir}; starting from step 0")
-        return 0
+        return 0, {}
     check_resume_config(ckpt, cfg)  # refuses a changed objective / model / data (cli.py checks before any model)
     state = load_checkpoint(ckpt, student, groups)
     sampler.load_state_dict(state["sampler"])
     if groups.rank == 0:
         log.info(f"resumed from {ckpt} (next step {state['step'] + 1})")
-    return state["step"] + 1
+    return state["step"] + 1, state
 
 
 def _held_out_eval(cfg: Config, run: Run, prompts: list, tokenizer, stop_ids: tuple, vocab: int) -> HeldOutEval:

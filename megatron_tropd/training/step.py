@@ -5,9 +5,11 @@
 
 No pass runs twice. When a rollout batch gets exactly one update, the old policy is the current one: lp_old and
 ent_s come from the training forward itself (detached; rho = exp(lp_s - lp_old) is 1 with the gradient of lp_s),
-unless the objective needs a batch-level student-entropy threshold before the first micro-batch's loss. For
-full-vocabulary objectives the teacher runs once, inside the micro-batch: lp_t (and top-k / entropy) are taken from
-the same teacher logits as the divergence. `StepOptions.fused_* = False` forces the separate passes (tests).
+unless the objective needs a batch-level student-entropy threshold before the first micro-batch's loss. With
+`StepOptions.ratio_against_rollout` (rollout.overlap: samples from an older policy) lp_old is replaced on the
+student's own tokens by the rollout engine's log-probs (`behaviour_logprobs`), so the ratio is against the policy
+that sampled them. For full-vocabulary objectives the teacher runs once, inside the micro-batch: lp_t (and top-k /
+entropy) are taken from the same teacher logits as the divergence. `StepOptions.fused_* = False` forces the separate passes (tests).
 
 The objective sees per-token tensors computed on vocabulary shards (`megatron_tropd.ops`); its loss carries the
 global normalisation (one all-reduce of token counts per optimizer step), so gradients do not depend on the
@@ -48,6 +50,9 @@ class StepOptions:
     # (False: teacher.score as well)
     fused_teacher: bool = True
     teacher_names: tuple[str, ...] = ()  # with several teachers: metrics per teacher as teacher/<name>/<metric>
+    # the behaviour policy is the rollout engine's (rollout.overlap: samples one weight version old): on the student's
+    # own tokens the objectives' lp_old (ratio denominator, reward reference) is the engine's lp_roll
+    ratio_against_rollout: bool = False
 
     @property
     def score(self) -> ScoreOptions:
@@ -163,10 +168,13 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
         if ctx.fused_old:  # the old policy is the current one: rho = exp(lp_s - lp_old) == 1, d rho = d lp_s
             with torch.no_grad():
                 o = StudentTokens(lp_old=lp_s.detach(), ent_s=ops.entropy(logits.detach(), tp, **kw))
+        lp_old = o.lp_old
+        if ctx.opts.ratio_against_rollout:
+            lp_old = behaviour_logprobs(o.lp_old, mb.lp_roll, mb.response_mask & ~mb.prefix_mask & ~mb.offline_mask)
         sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
         full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, req, tp, kw, t_logits)
         inputs = TokenInputs(
-            lp_s=lp_s, lp_old=o.lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
+            lp_s=lp_s, lp_old=lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
             prefix_mask=mb.prefix_mask, sample_ids=mb.sample_ids, positions=mb.positions, step=ctx.step,
             lp_roll=mb.lp_roll if req.rollout_logprobs else None, tk_lp=t.tk_lp, tk_ids=t.tk_ids,
             sk_lp=sk_lp, ent_t=t.ent_t, ent_s=o.ent_s, full_kl=full_kl, entropy_threshold=ctx.entropy_threshold,
@@ -176,6 +184,10 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
         names = ctx.opts.teacher_names
         rows = {f"teacher/{n}": mb.routes == j for j, n in enumerate(names)} if len(names) > 1 else None
         loss, metrics = objective(inputs, weights, rows)
+        if ctx.opts.ratio_against_rollout:  # how far the policy moved since the samples were drawn
+            own = inputs.on_policy_mask  # mean (lp_old - lp_roll) over the student's own tokens: (sum, count)
+            shift = (o.lp_old.detach().double() - lp_old.double()).masked_fill(~own, 0.0)
+            metrics["behaviour/logprob_shift"] = (shift.sum(), own.sum().double())
         # The total loss of this update = sum over micro-batches and DP ranks; count it once (rank 0, first mb).
         once = float(i == 0 and groups.dp_rank == 0)
         metrics["loss"] = (loss.detach().double(), torch.tensor(once, dtype=torch.float64))
@@ -184,6 +196,15 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
     return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False)
+
+
+def behaviour_logprobs(lp_old: torch.Tensor, lp_roll: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """[b, s] the behaviour policy's log-probs with `StepOptions.ratio_against_rollout`: the rollout engine's
+    (`lp_roll`, the weights that sampled the token, rollout temperature) on the student's own tokens `own`
+    [b, s] bool, `lp_old` (the student before this step's update) on teacher-written ones, which have no engine
+    log-prob. The objectives then take rho = exp(lp_s - lp_roll) (and their reward reference) against the policy
+    that generated the samples, as off-policy training one weight version behind needs."""
+    return torch.where(own, lp_roll.to(lp_old.dtype), lp_old.detach())
 
 
 def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, req, tp, kw, t_logits=None):
