@@ -150,9 +150,10 @@ def model_flops(student: Dims, teacher: Dims, samples: list[dict]) -> float:
 
 
 def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: bool) -> dict[str, float]:
-    """What our step runs (megatron_tropd as of this benchmark): the embedded engine's generate calls, then teacher
-    scoring and the student's old log-probs over the padded batch with the output layer on every position, the
-    update (3x forward), and for full-vocabulary objectives a second teacher forward inside the update."""
+    """What our step runs: the embedded engine's generate calls, then the teacher and student passes over the padded
+    batch with the output layer on every position, as many as the step reports (`passes/teacher`: teacher forwards
+    per token, 1 when the teacher is fused into the update; `passes/old_logprobs`: 0 when lp_old comes from the
+    training forward), and the update (3x forward)."""
     samples, b, w = rec["samples"], rec["batch_rows"], rec["batch_width"]
     prefixed = [s for s in samples if s.get("prefix_len", 0) > 0]
     rollout = generate_flops(teacher, [s["prompt_len"] for s in prefixed], [s["prefix_len"] for s in prefixed], True)
@@ -161,8 +162,9 @@ def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: boo
                               [s["response_len"] - s.get("prefix_len", 0) for s in students], True)
     t_pass = teacher.forward(b * w, b * w, b * tri(w))
     s_pass = student.forward(b * w, b * w, b * tri(w))
-    return {"rollout": rollout, "teacher_scoring": t_pass, "student_old": s_pass,
-            "update": 3.0 * s_pass + (t_pass if full_vocab else 0.0)}
+    passes = rec.get("passes") or {"teacher": 1.0 + float(full_vocab), "old_logprobs": 1.0}  # older JSON files
+    return {"rollout": rollout, "teacher_scoring": passes["teacher"] * t_pass,
+            "student_old": passes["old_logprobs"] * s_pass, "update": 3.0 * s_pass}
 
 
 def trl_executed_flops(student: Dims, teacher: Dims, step: dict, trainer: str) -> dict[str, float]:
@@ -364,7 +366,7 @@ def run_ours(name: str, args) -> dict:
                     t0, c0 = time.perf_counter(), time.process_time()
                     metrics = loop_module.train_step(run, step)
                     step_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-                    samples, _ = seen["rollout"]
+                    samples = seen["rollout"].samples  # training.overlap.Rollouts
                     steps.append(_ours_record(step_s, cpu_s, clock, samples, seen["batch"], metrics, load_before,
                                               missing))
         finally:
@@ -421,6 +423,8 @@ def _ours_record(step_s: float, cpu_s: float, clock: PhaseClock, samples, batch,
             "response_tokens": sum(r["response_len"] for r in recs), "batch_rows": batch.size,
             "batch_width": int(batch.inputs.shape[1]), "loadavg_1m_before": load_before,
             "step_time_metrics": {k: v for k, v in metrics.items() if k.startswith("time/")},
+            "passes": {"teacher": float(metrics["passes/teacher"]),
+                       "old_logprobs": float(metrics["passes/old_logprobs"])},
             "timing_source": {p: "step metrics" if p in exported else "bench wrappers" for p in STEP_TIMERS},
             "loss": float(metrics.get("loss", float("nan")))}
 
