@@ -32,8 +32,8 @@ TEMPERATURE = 0.9
 @pytest.mark.parametrize("overrides,needles", [
     (["offline.lambda_student=1.5"], ["offline.lambda_student=1.5", "[0, 1]"]),
     (["offline.lambda_student=-0.1"], ["offline.lambda_student=-0.1", "[0, 1]"]),
-    (["offline.warmup_steps=13"], ["offline.warmup_steps=13", "longer than the run", "train.steps=12",
-                                   "offline.warmup_steps <= 12"]),
+    (["train.steps=12", "offline.warmup_steps=13"], ["offline.warmup_steps=13", "longer than the run",
+                                                     "train.steps=12", "offline.warmup_steps <= 12"]),
     (["offline.warmup_steps=-1"], ["offline.warmup_steps=-1", ">= 0"]),
     (["offline.divergence=tvd"], ["offline.divergence", "forward, reverse, jsd", "'tvd'"]),
     (["offline.divergence=jsd", "offline.jsd_beta=1.0"], ["offline.jsd_beta=1.0", "(0, 1)"]),
@@ -52,7 +52,7 @@ def test_bad_offline_settings_fail_at_start_up(overrides, needles):
 
 
 def test_offline_settings_that_are_fine():
-    for ov in (["offline.warmup_steps=12"], ["offline.lambda_student=0"], ["offline.lambda_student=0.25"],
+    for ov in (["train.steps=12", "offline.warmup_steps=12"], ["offline.lambda_student=0"], ["offline.lambda_student=0.25"],
                ["offline.lambda_student=0.5", "rollout.engine=sglang"],  # launches a teacher server (default 1)
                ["rollout.engine=sglang", "sglang.teacher_servers=0", "guidance.enabled=false"]):  # offline off
         cfg = load_config(MAIN, ov)

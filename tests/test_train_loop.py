@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_hf import char_tokenizer, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ("time/", "throughput/", "timeline/")  # wall-clock metrics differ between runs
+from megatron_tropd.training.metrics import VOLATILE_PREFIXES as VOLATILE  # wall-clock metrics
 
 
 @pytest.fixture(scope="module")

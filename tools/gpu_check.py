@@ -82,7 +82,6 @@ GRAD_OPS = ("lp", "ent", "at") + tuple(f"kl_{k}" for k in KL_KINDS)
 OP_NAMES = {"lp": "token_logprobs", "ent": "entropy", "at": "logprobs_at", "kl_forward": "kl_forward",
             "kl_reverse": "kl_reverse", "kl_jsd": "kl_jsd"}
 REF_TOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 1e-2}  # as tests/test_ops.py
-VOLATILE = ("time/", "throughput/")  # wall-clock metrics differ between runs
 MEM_TARGET = 0.25  # extra memory of an op <= 25% of the fp32 logits shard (docs/ops.md)
 
 
@@ -600,7 +599,9 @@ def _train_in_process(groups, config: str, overrides: list[str]):
 
 def _metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+    from megatron_tropd.training.metrics import VOLATILE_PREFIXES  # wall-clock metrics differ between runs
+
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE_PREFIXES)} for r in rows]
 
 
 def _compare_metrics(a: list[dict], b: list[dict]) -> tuple[bool, float]:

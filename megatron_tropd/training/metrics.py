@@ -19,6 +19,8 @@ EVAL_METRICS_FILE = "eval_metrics.jsonl"
 # Held-out distillation metrics (evaluation/heldout.py) in print / plot order: printed before / after by `tropd
 # train`, drawn together by `tropd plot` (eval_distillation.png), with the teacher's own value where one exists
 # (constant: the teacher's held-out samples are drawn once).
+# Metric-name prefixes of wall-clock quantities: they differ between two runs of the same seed (resume checks skip them)
+VOLATILE_PREFIXES = ("time/", "throughput/", "timeline/")
 HELD_OUT_METRICS = ("forward_kl", "reverse_kl", "top1_agreement", "top1_agreement_teacher", "reverse_kl_k1",
                     "token_agreement", "teacher_nll", "student_nll_teacher", "student_entropy", "teacher_entropy",
                     "distinct_2", "distinct_3", "accuracy", "response_length")
