@@ -59,8 +59,10 @@ SETTINGS = ("healed", "unhealed")
 
 # Held-out metrics reported (summary.json "before" / "after"), with the better direction.
 RESULT_METRICS = {"forward_kl": "lower", "reverse_kl": "lower", "top1_agreement": "higher",
-                  "top1_agreement_teacher": "higher", "student_entropy": "teacher's", "teacher_nll": "lower",
-                  "distinct_2": "teacher's"}
+                  "top1_agreement_teacher": "higher", "student_entropy": "near teacher", "teacher_nll": "lower",
+                  "distinct_2": "near teacher"}
+# The teacher's own values (constant within a run: its held-out samples are drawn once), shown under each table.
+TEACHER_METRICS = {"student_entropy": "teacher_entropy", "distinct_2": "teacher_distinct_2"}
 # A gradient-norm spike: a step whose grad_norm exceeds SPIKE_FACTOR x the run's median grad_norm, step 0 excluded
 # from both (its norm reflects the starting point, not the optimisation). The logged norm is the raw one, before
 # clip_grad bounds the update, so it is what shows an unreliable, exploding OPD gradient. The median (not the mean)
@@ -200,8 +202,9 @@ def prune_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def execute(specs: list[RunSpec], python: str, keep_checkpoints: bool) -> list[str]:
-    """Run every incomplete spec in order, printing progress and an ETA; the names of the runs that failed."""
+def execute(specs: list[RunSpec], python: str, keep_checkpoints: bool) -> tuple[list[str], int]:
+    """Run every incomplete spec in order, printing progress and an ETA; (the names of the runs that failed, the
+    number of runs trained)."""
     failed, trained, t_trained, t0 = [], 0, 0.0, time.time()
     steps = {spec.name: expected_steps(spec.overrides) for spec in specs}
     for i, spec in enumerate(specs, 1):
@@ -229,7 +232,7 @@ def execute(specs: list[RunSpec], python: str, keep_checkpoints: bool) -> list[s
                 f"left for {left} runs)")
         if not keep_checkpoints:
             prune_checkpoints(spec.run_dir)
-    return failed
+    return failed, trained
 
 
 # --- results (pure functions first) ----------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def mean_std(values: Iterable[float | None]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)}
 
 
-def aggregate(runs: Sequence[dict], metrics: Sequence[str] = tuple(RESULT_METRICS),
+def aggregate(runs: Sequence[dict], metrics: Sequence[str] = (*RESULT_METRICS, *TEACHER_METRICS.values()),
               factor: float = SPIKE_FACTOR) -> dict:
     """setting -> method -> {"seeds", "before": {metric: mean_std}, "after": {...}, "grad_spikes": mean_std plus
     "total"} over `runs`: dicts with setting, method, seed, before, after (held-out metrics) and grad_norms
@@ -297,7 +300,9 @@ def results_markdown(results: dict, failed: Sequence[str] = (), factor: float = 
             spikes = r["grad_spikes"]
             lines.append(f"| {method} | {len(r['seeds'])} | " + " | ".join(cells)
                          + f" | {_cell(spikes, 2)} ({spikes['total']}) |")
-        lines.append("")
+        first, r0 = next(iter(by_method.items()))
+        ref = ", ".join(f"{m} {_cell(r0['after'].get(m, {}))}" for m in TEACHER_METRICS.values())
+        lines += ["", f"The teacher's own values (it does not train; from the {first} runs): {ref}.", ""]
     if failed:
         lines += ["## Failed runs (not in the tables)", "", *(f"- {name}" for name in failed), ""]
     return "\n".join(lines)
@@ -334,12 +339,14 @@ def write_results(out: Path, specs: list[RunSpec], failed: Sequence[str]) -> dic
     return results
 
 
-def plot_settings(python: str, out: Path, specs: list[RunSpec], failed: Sequence[str], metrics: str | None) -> None:
-    """`tropd plot` over each setting's complete runs into OUT/<setting>/plots (a failure is reported, not fatal)."""
+def plot_settings(python: str, out: Path, specs: list[RunSpec], failed: Sequence[str], metrics: str | None,
+                  replot: bool = True) -> None:
+    """`tropd plot` over each setting's complete runs into OUT/<setting>/plots (a failure is reported, not fatal).
+    With replot False a setting whose plots exist is left as it is (nothing was trained since)."""
     for setting in dict.fromkeys(s.setting for s in specs):
         dirs = [s.run_dir for s in specs if s.setting == setting and s.name not in failed
                 and (s.run_dir / "summary.json").is_file()]
-        if not dirs:
+        if not dirs or (not replot and list((out / setting / "plots").glob("*.png"))):
             continue
         rc = run_logged(plot_command(python, dirs, out / setting / "plots", metrics), out / setting / "plot.log")
         log(f"plots of {setting}: {out / setting / 'plots'}" if rc == 0 else
@@ -393,10 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = plan_runs(args.out, args.settings, args.methods, args.seeds, heal, args.override)
     log(f"{len(specs)} runs ({len(args.settings)} settings x {len(args.methods)} methods x {len(args.seeds)} seeds) "
         f"into {args.out}" + (f"; healed student: {heal}" if heal else ""))
-    failed = execute(specs, python, args.keep_checkpoints)
+    failed, trained = execute(specs, python, args.keep_checkpoints)
     write_results(args.out, specs, failed)
     log(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}")
-    plot_settings(python, args.out, specs, failed, args.plot_metrics)
+    plot_settings(python, args.out, specs, failed, args.plot_metrics, replot=trained > 0)
     failures = f"; {len(failed)} runs FAILED: {', '.join(failed)}" if failed else ""
     log(f"finished in {time.time() - t0:.0f}s{failures}")
     return 1 if failed else 0
