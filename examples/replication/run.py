@@ -396,7 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     heal = args.heal_checkpoint
     if "healed" in args.settings and heal is None:
-        heal = str(heal_checkpoint_path(python, args.heal_dir.resolve()))
+        try:
+            heal = str(heal_checkpoint_path(python, args.heal_dir.resolve()))
+        except RuntimeError as e:
+            log(f"no healed student: {e}")
+            return 1
     specs = plan_runs(args.out, args.settings, args.methods, args.seeds, heal, args.override)
     log(f"{len(specs)} runs ({len(args.settings)} settings x {len(args.methods)} methods x {len(args.seeds)} seeds) "
         f"into {args.out}" + (f"; healed student: {heal}" if heal else ""))
