@@ -70,6 +70,17 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def config_vocab_size(model_dir) -> int | None:
+    """The logit rows of an HF checkpoint dir (config.json `vocab_size`, or its `text_config`'s); None when the dir
+    or the key is not readable here (e.g. a server's model_path on another machine)."""
+    cfg = Path(model_dir) / "config.json" if model_dir else None
+    if cfg is None or not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    v = c.get("vocab_size", (c.get("text_config") or {}).get("vocab_size"))
+    return int(v) if v else None
+
+
 def arch_from_hf_config(path_or_dict, make_vocab_size_divisible_by: int = 128) -> ModelArch:
     """The `ModelArch` of an HF Llama / Qwen2 / Qwen3 config.json (a dict, a file, or a checkpoint directory)."""
     cfg = _load_config(path_or_dict)

@@ -482,12 +482,11 @@ class SGLangEngine:
 
 def _padding_bias(model_dir: Path | None, vocab_size: int | None) -> dict[str, float] | None:
     """logit_bias masking the logit rows of `model_dir`'s model beyond the real vocabulary (None: nothing to mask)."""
-    import json
+    from megatron_tropd.models.hf_mapping import config_vocab_size
 
-    cfg = model_dir / "config.json" if model_dir is not None else None
-    if vocab_size is None or cfg is None or not cfg.is_file():
+    rows = config_vocab_size(model_dir) if vocab_size is not None else None
+    if rows is None:
         return None
-    rows = int(json.loads(cfg.read_text()).get("vocab_size", vocab_size))
     return {str(i): -1e30 for i in range(int(vocab_size), rows)} or None
 
 

@@ -59,6 +59,7 @@ import torch
 
 from megatron_tropd.atomic import atomic_directory
 from megatron_tropd.config import ConfigError
+from megatron_tropd.models.hf_mapping import config_vocab_size
 from megatron_tropd.rollout import sglang_server as srv
 from megatron_tropd.rollout.sglang_server import SGLangServerError
 from megatron_tropd.training.scoring import TeacherTokens
@@ -300,9 +301,9 @@ class SGLangTeacherScorer:
             fold, path = server_fold(s.url, self.declared_fold, s.name)
             if not same_temperature(fold, self.temperature):
                 raise SGLangServerError(self._temperature_error(s.name, path, fold))
-            rows.add(_config_vocab_size(path))
+            rows.add(config_vocab_size(path))
         base = getattr(self.engine, "base_model_dir", None)
-        known = {v for v in rows if v is not None} or ({_config_vocab_size(base)} - {None} if base else set())
+        known = {v for v in rows if v is not None} or ({config_vocab_size(base)} - {None} if base else set())
         if len(known) > 1:
             raise SGLangServerError(f"SGLang teacher servers serve models of different vocabulary sizes {known}")
         if self.model_vocab_size is None:
@@ -466,16 +467,6 @@ class SGLangTeacherScorer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _config_vocab_size(model_path) -> int | None:
-    """config.json vocab_size of a checkpoint dir readable here (None otherwise)."""
-    cfg = Path(model_path) / "config.json" if model_path else None
-    if cfg is None or not cfg.is_file():
-        return None
-    c = json.loads(cfg.read_text())
-    v = c.get("vocab_size", (c.get("text_config") or {}).get("vocab_size"))
-    return int(v) if v else None
 
 
 def _response_rows(micro_batches: list) -> list[tuple[int, int, tuple, tuple, int]]:
