@@ -12,12 +12,12 @@ same positions (float32 / int32 little endian, `input_top_logprobs_shape` = [r, 
 Temperature. SGLang 0.5.23 computes input (prompt-position) log-probs and top log-probs from the raw logits:
 `srt/layers/logprob_processor.py`, `InputLogprobProcessor._forward_by_chunk`: `chunk_logits = get_logits_fn(...)`
 (l. 657), then `compute_row_log_normalizer(chunk_logprobs)` (l. 726; the default SGLANG_ENABLE_FAST_INPUT_LOGPROBS
-path: `logit - max - logsumexp`, l. 782) or `torch.nn.functional.log_softmax(chunk_logprobs, dim=-1)` (l. 734),
-with no temperature anywhere on that path. The request's `temperature`, `SGLANG_RETURN_ORIGINAL_LOGPROB` (read only
-in `srt/layers/sampler.py`) and custom logit processors (`Sampler._preprocess_logits`, next-token logits only) touch
+path: `logit - max - logsumexp`, l. 782) or `torch.nn.functional.log_softmax(chunk_logprobs, dim=-1)` (l. 734), with
+no temperature anywhere on that path. The request's `temperature`, `SGLANG_RETURN_ORIGINAL_LOGPROB` (read only in
+`srt/layers/sampler.py`) and custom logit processors (`Sampler._preprocess_logits`, next-token logits only) touch
 only the sampler, i.e. output tokens. So a raw server gives input log-probs at T = 1 whatever the request says
-(measured: identical bits at request temperature 1.0 and 0.7). Top-k of the raw logits cannot give log-probs at T != 1 either (the normaliser
-needs the whole vocabulary).
+(measured: identical bits at request temperature 1.0 and 0.7). Top-k of the raw logits cannot give log-probs at T !=
+1 either (the normaliser needs the whole vocabulary).
 
 What makes it exact at T != 1: serve a *temperature-folded* teacher. With a final RMSNorm `y = g * x / rms(x)` and
 logits `W y` (Llama / Qwen2 / Qwen3), replacing g by g / T gives logits `W y / T` exactly (in real arithmetic; in
