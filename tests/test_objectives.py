@@ -14,7 +14,7 @@ from megatron_tropd.objectives.registry import per_token_loss
 
 V = 12
 STEP = 3
-ALL_NAMES = ("opd", "reopold", "eopd", "entropy_opd", "jsd", "tropd", "full_vocab")
+ALL_NAMES = ("opd", "reopold", "eopd", "entropy_opd", "jsd", "tropd", "full_vocab", "topk_fkl")
 
 
 # ----------------------------------------------------------------------------------------------- test data
@@ -164,6 +164,10 @@ def ref_term(inp, cfg, i, t):
         return sum((pv / z) * (math.log(pv / z) - inp.sk_lp[i, t, v]) for v, pv in enumerate(p))
     if cfg.name == "full_vocab":
         return inp.full_kl[i, t]
+    if cfg.name == "topk_fkl":
+        p = [math.exp(float(x)) for x in inp.tk_lp[i, t, :k]]
+        z = sum(p) if cfg.renormalize else 1.0
+        return sum((pv / z) * (math.log(pv / z) - inp.sk_lp[i, t, v]) for v, pv in enumerate(p))
     raise AssertionError(cfg.name)
 
 
@@ -222,6 +226,8 @@ CASES = [
     ObjectiveConfig(name="tropd", topk=6, trust_logprob="rollout", ppo_clip=True),
     ObjectiveConfig(name="tropd", topk=6, aggregation="sequence_mean"),
     ObjectiveConfig(name="full_vocab"),
+    ObjectiveConfig(name="topk_fkl", topk=6),
+    ObjectiveConfig(name="topk_fkl", topk=4, renormalize=True),
 ]
 
 
@@ -522,7 +528,7 @@ def test_rng_matches_uint64_reference_and_is_uniform():
 
 # --------------------------------------------------------------------------------------- config / contract
 def test_config_validation_messages():
-    with pytest.raises(ValueError, match="valid: opd, reopold, eopd, entropy_opd, jsd, tropd, full_vocab"):
+    with pytest.raises(ValueError, match="valid: opd, reopold, eopd, entropy_opd, jsd, tropd, full_vocab, topk_fkl"):
         ObjectiveConfig(name="kl")
     with pytest.raises(ValueError, match="outlier"):
         ObjectiveConfig(outlier="drop")

@@ -101,7 +101,7 @@ def test_dry_run_one_command_per_run(tmp_path, capsys):
     assert rep.main(["--dry-run", "--out", str(tmp_path), "--heal-checkpoint", "/ck/step_11",
                      "--override", "data.size=50"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert len(lines) == len(rep.SETTINGS) * len(rep.DEFAULT_METHODS) * len(seeds) == 54
+    assert len(lines) == len(rep.SETTINGS) * len(rep.DEFAULT_METHODS) * len(seeds) == 60
     seen = set()
     for line in lines:
         argv = shlex.split(line)
@@ -113,9 +113,12 @@ def test_dry_run_one_command_per_run(tmp_path, capsys):
         assert all(ov[k] == v for k, v in rep.METHODS[method].items())
         assert ov.get("student.megatron_checkpoint") == ("/ck/step_11" if setting == "healed" else None)
         assert ov["data.size"] == "50" and argv[-1] == "data.size=50"  # the extra overrides come last
+        # the first method of each (setting, seed) evaluates before training, the others share its result
+        assert ov.get("eval.before") == (None if method == rep.DEFAULT_METHODS[0] else "false")
         seen.add((setting, method, int(seed)))
     assert seen == {(s, m, k) for s in rep.SETTINGS for m in rep.DEFAULT_METHODS for k in seeds}
     assert rep.METHODS["tropd_noguide"]["guidance.enabled"] == "false" and rep.METHODS["tropd"]["objective.outlier"]
+    assert rep.METHODS["topk_fkl"]["objective.name"] == "topk_fkl" and "topk_fkl" in rep.DEFAULT_METHODS
 
 
 # --- (c) end to end on tiny models -----------------------------------------------------------------------------------
@@ -138,6 +141,16 @@ def test_end_to_end_tiny(tiny_models, tmp_path, capsys):
     assert "| opd | 2 |" in md and "| tropd | 2 |" in md and "forward_kl" in md
     results = json.loads((out / "results.json").read_text())["results"]["unhealed"]
     assert results["tropd"]["after"]["forward_kl"]["n"] == 2
+    for seed in (0, 1):  # tropd ran with eval.before=false and shares opd's "before" (same student, prompts, seed)
+        mine = out / "unhealed" / f"tropd_seed{seed}"
+        assert json.loads((mine / "summary.json").read_text())["before"] is None
+        shared = [json.loads(x) for x in (mine / "eval_metrics.jsonl").read_text().splitlines()]
+        ref = [json.loads(x) for x in (out / "unhealed" / f"opd_seed{seed}" / "eval_metrics.jsonl").read_text()
+               .splitlines()]
+        assert [r["step"] for r in shared] == [0, 1]
+        assert shared[0]["before_shared_from"] == str((out / "unhealed" / f"opd_seed{seed}").resolve())
+        assert {k: v for k, v in shared[0].items() if k != "before_shared_from"} == ref[0]
+    assert results["tropd"]["before"]["forward_kl"] == results["opd"]["before"]["forward_kl"]
     assert list((out / "unhealed" / "plots").glob("*.png"))
     t0 = time.time()
     assert rep.main(argv) == 0

@@ -117,6 +117,7 @@ class OfflineConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # evaluate every N steps (0 = only before and after training)
+    before: bool = True  # evaluate before the first step (off: summary 'before' is null; saves one eval)
     samples_per_prompt: int = 1  # held-out rollouts per eval prompt
     temperature: float = 1.0  # eval sampling temperature (KL estimate is on samples from the student)
     max_new_tokens: int | None = None  # None = rollout.max_new_tokens

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-OBJECTIVE_NAMES = ("opd", "reopold", "eopd", "entropy_opd", "jsd", "tropd", "full_vocab")
+OBJECTIVE_NAMES = ("opd", "reopold", "eopd", "entropy_opd", "jsd", "tropd", "full_vocab", "topk_fkl")
 OUTLIER_STRATEGIES = ("fkl", "clip", "mask")
 TRUST_LOGPROBS = ("old", "rollout")
 ENTROPY_SOURCES = ("student", "teacher")
@@ -33,8 +33,8 @@ class ObjectiveConfig:
     name: str = "tropd"  # one of OBJECTIVE_NAMES
     # --- TrOPD -----------------------------------------------------------------------------------------------
     outlier: str = "fkl"  # TrOPD outlier strategy (tokens with M_t = 0): "fkl" | "clip" | "mask"
-    topk: int = 64  # k of the teacher top-k used by TrOPD's FKL outlier term and by JSD
-    renormalize: bool = False  # renormalise the teacher top-k probabilities (TrOPD fkl, JSD); paper: False
+    topk: int = 64  # k of the teacher top-k used by TrOPD's FKL outlier term, JSD and topk_fkl
+    renormalize: bool = False  # renormalise the teacher top-k probabilities (TrOPD fkl, JSD, topk_fkl); paper: False
     trust_logprob: str = "old"  # P_trust = min(1, exp(lp_t - lp_x)) with lp_x = lp_old ("old") or lp_roll
     prefix_beta: float = 1e-3  # weight of the K1 forward-KL term beta * (-lp_s) on teacher-prefix tokens
     seed: int = 0  # seed of the counter-based trust-region RNG (with step, sample id, position)

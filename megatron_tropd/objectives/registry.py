@@ -26,6 +26,7 @@ from .jsd import jsd, jsd_requirements
 from .offline import OfflineTerm, offline_term
 from .opd import entropy_opd, entropy_opd_requirements, opd, opd_requirements
 from .reopold import reopold, reopold_requirements
+from .topk_fkl import topk_fkl, topk_fkl_requirements
 from .tropd import tropd, tropd_requirements
 
 TermFn = Callable[[TokenInputs, ObjectiveConfig], tuple[torch.Tensor, TermMetrics]]
@@ -38,6 +39,7 @@ OBJECTIVES: dict[str, tuple[TermFn, Callable[[ObjectiveConfig], Requirements]]] 
     "jsd": (jsd, jsd_requirements),
     "tropd": (tropd, tropd_requirements),
     "full_vocab": (full_vocab, full_vocab_requirements),
+    "topk_fkl": (topk_fkl, topk_fkl_requirements),
 }
 
 

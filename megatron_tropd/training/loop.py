@@ -49,7 +49,7 @@ def train(cfg) -> dict | None:
 
 def _loop(run: Run) -> dict | None:
     cfg = run.cfg
-    before = run.evaluate(run.start_step) if run.start_step == 0 and run.evaluate else None
+    before = run.evaluate(run.start_step) if run.start_step == 0 and run.evaluate and cfg.eval.before else None
     if run.logger and before:
         run.logger.log_eval(0, before)
     for step in range(run.start_step, cfg.train.steps):
