@@ -1,7 +1,9 @@
 """No redundant passes (issue 14): with one update per rollout batch the old log-probs come from the training forward,
-and full-vocabulary objectives run the teacher once per micro-batch. The optimised step gives the same loss,
-metrics and gradients as the step with the separate passes (StepOptions.fused_* = False), at several layouts, and
-a forward counter shows the passes are gone (and kept where they are needed)."""
+full-vocabulary objectives run the teacher once per micro-batch, and the output layer runs only from the first
+response position on. The optimised step gives the same loss, metrics and gradients as the step with the separate
+passes, logits everywhere and every micro-batch as wide as the batch (StepOptions.fused_* = crop_logits = False,
+trim_multiple = 0), at several layouts, and forward counters show the passes are gone (and kept where they are
+needed) and the output layers saw fewer positions."""
 import math
 
 import pytest
@@ -40,17 +42,32 @@ def _counting(module, counter, key):
     module.forward = counted
 
 
+def _counting_positions(layer, counter, key):
+    """Sum of the sequence lengths of the logits [s, b, V/tp] `layer` (an output layer) computes."""
+    layer.register_forward_hook(lambda module, args, out: counter.__setitem__(key, counter[key] + out[0].shape[0]))
+
+
+def _output_layer(model):
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "output_layer", None)
+
+
 def _step(groups, weights, cfg, fused, epochs=1):
     student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
                             OptimConfig(lr=1e-3, clip_grad=0.0), total_updates=epochs)
     opts = StepOptions(temperature=OPTS.temperature, vocab_size=VOCAB, micro_batch_size=MBS,
-                       updates_per_batch=epochs, fused_old_logprobs=fused, fused_teacher=fused)
+                       updates_per_batch=epochs, fused_old_logprobs=fused, fused_teacher=fused, crop_logits=fused,
+                       trim_multiple=4 if fused else 0)
     teacher = MegatronTeacherScorer(
         build_teacher(TEACHER, groups, lambda m: load_full_state_dict(m, weights["teacher"], groups)), groups,
         opts.score)
-    counter = {"student": 0, "teacher": 0}
+    counter = {"student": 0, "teacher": 0, "student_positions": 0, "teacher_positions": 0}
     _counting(student.gpt, counter, "student")
     _counting(teacher.teacher.model, counter, "teacher")
+    for key, model in (("student_positions", student.gpt), ("teacher_positions", teacher.teacher.model)):
+        if _output_layer(model) is not None:  # the last pipeline stage
+            _counting_positions(_output_layer(model), counter, key)
     mine = build_batch(_samples(), pad_id=0).dp_shard(groups.dp_size, groups.dp_rank, 1)
     timings = {}
     metrics = distill_step(student, teacher, mine, build_objective(cfg), groups, 0, opts, timings=timings)
@@ -102,6 +119,11 @@ def test_optimised_step_matches_the_separate_passes(weights, world, tp, pp):
             assert fast["timings"]["passes/old_logprobs"] == float(keeps_old)
             assert slow["timings"]["passes/teacher"] == (2.0 if name in FULL_VOCAB else 1.0)
             assert fast["timings"]["passes/teacher"] == 1.0
+            if out[name][True]["counts"]["student_positions"]:  # last stage: the crop cut prompt positions
+                for model in ("student", "teacher"):
+                    per_forward = {f: out[name][f]["counts"][f"{model}_positions"] / out[name][f]["counts"][model]
+                                   for f in (True, False)}
+                    assert 0 < per_forward[True] < per_forward[False], (name, model, per_forward)
 
 
 def _two_updates(groups, weights):
@@ -112,3 +134,21 @@ def test_more_than_one_update_per_batch_keeps_the_old_logprob_pass(weights):
     counts = run_distributed(_two_updates, 1, args=(weights,))[0]
     # one old-logprob pass + two training forwards per micro-batch
     assert counts["student"] == 3 * (8 // MBS)
+
+
+def test_trimmed_micro_batches_keep_every_response_token():
+    from megatron_tropd.training.schedule import logits_start
+
+    batch = build_batch(_samples(), pad_id=0)
+    widths = []
+    for mb in batch.micro_batches(MBS):
+        cut = mb.trimmed(4)
+        widths.append(cut.inputs.shape[1])
+        s = cut.inputs.shape[1]
+        assert s % 4 == 0 and cut.tokens.shape[1] == s + 1
+        assert int(mb.response_mask[:, s:].sum()) == 0  # nothing cut holds a response token
+        for name in ("response_mask", "prefix_mask", "lp_roll", "positions", "offline_mask"):
+            assert torch.equal(getattr(cut, name), getattr(mb, name)[:, :s]), name
+        assert torch.equal(cut.tokens, mb.tokens[:, :s + 1]) and torch.equal(cut.sample_ids, mb.sample_ids)
+        assert logits_start(cut.response_mask) == logits_start(mb.response_mask) > 0
+    assert min(widths) < batch.inputs.shape[1]  # the test batch has a micro-batch of shorter sequences

@@ -44,6 +44,13 @@ def _scorer(groups, weights, teacher_tp=None, teacher_pp=None, sequence_parallel
     return OwnLayoutTeacherScorer(teacher, tg, groups, opts)
 
 
+def _on_response(t, mb, r):
+    """Row r's teacher outputs (lp_t, tk_lp, tk_ids, ent_t) on its response positions, 0 elsewhere: only those are
+    defined (prompt positions get no logits: schedule.logits_start; with sequence parallelism they do)."""
+    m = mb.response_mask[r]
+    return tuple(torch.where(m.view(-1, *[1] * (x.dim() - 2)), x[r], 0) for x in (t.lp_t, t.tk_lp, t.tk_ids, t.ent_t))
+
+
 def _score_and_step(groups, weights, teacher_tp=None, teacher_pp=None):
     """Teacher outputs by sample id (on the student's last stage) and, per objective, one step's metrics and the
     student's weights after it."""
@@ -59,8 +66,10 @@ def _score_and_step(groups, weights, teacher_tp=None, teacher_pp=None):
     assert len(scores) == (len(micro) if groups.is_last_stage else 0)
     for mb, t in zip(micro, scores):
         for r, sid in enumerate(mb.sample_ids.tolist()):
-            out["scores"][sid] = (t.lp_t[r], t.tk_lp[r], t.tk_ids[r], t.ent_t[r])
-    opts = StepOptions(temperature=0.9, vocab_size=VOCAB, micro_batch_size=2)
+            out["scores"][sid] = _on_response(t, mb, r)
+    # micro-batches trimmed to a multiple of 2: widths 10 and 12 here, so the own-layout teacher pads rows of
+    # different widths to one and crops its records back (PP keeps one width)
+    opts = StepOptions(temperature=0.9, vocab_size=VOCAB, micro_batch_size=2, trim_multiple=2)
     for name, cfg in OBJECTIVES.items():
         student = build_student(STUDENT, groups, lambda m: load_full_state_dict(m, weights["student"], groups),
                                 OptimConfig(lr=1e-3, clip_grad=1.0, adam_eps=ADAM_EPS), total_updates=1)
@@ -157,7 +166,7 @@ def _scores_only(groups, weights, teacher_tp, teacher_pp, sequence_parallel):
     out = {}
     for mb, t in zip(micro, scorer.score(micro, ALL)):
         for r, sid in enumerate(mb.sample_ids.tolist()):
-            out[sid] = (t.lp_t[r], t.tk_lp[r], t.tk_ids[r], t.ent_t[r])
+            out[sid] = _on_response(t, mb, r)
     return out
 
 

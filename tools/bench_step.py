@@ -151,18 +151,20 @@ def model_flops(student: Dims, teacher: Dims, samples: list[dict]) -> float:
 
 def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: bool) -> dict[str, float]:
     """What our step runs: the embedded engine's generate calls, then the teacher and student passes over the padded
-    batch with the output layer on every position, as many as the step reports (`passes/teacher`: teacher forwards
-    per token, 1 when the teacher is fused into the update; `passes/old_logprobs`: 0 when lp_old comes from the
-    training forward), and the update (3x forward)."""
+    batch with the output layer on the positions the step reports (`passes/logit_positions`: from each
+    micro-batch's first response position on; every position in older JSON files), as many as the step reports
+    (`passes/teacher`: teacher forwards per token, 1 when the teacher is fused into the update;
+    `passes/old_logprobs`: 0 when lp_old comes from the training forward), and the update (3x forward)."""
     samples, b, w = rec["samples"], rec["batch_rows"], rec["batch_width"]
     prefixed = [s for s in samples if s.get("prefix_len", 0) > 0]
     rollout = generate_flops(teacher, [s["prompt_len"] for s in prefixed], [s["prefix_len"] for s in prefixed], True)
     students = [s for s in samples if s["response_len"] > s.get("prefix_len", 0)]
     rollout += generate_flops(student, [s["prompt_len"] + s.get("prefix_len", 0) for s in students],
                               [s["response_len"] - s.get("prefix_len", 0) for s in students], True)
-    t_pass = teacher.forward(b * w, b * w, b * tri(w))
-    s_pass = student.forward(b * w, b * w, b * tri(w))
     passes = rec.get("passes") or {"teacher": 1.0 + float(full_vocab), "old_logprobs": 1.0}  # older JSON files
+    head = passes.get("logit_positions", b * w)
+    t_pass = teacher.forward(b * w, head, b * tri(w))
+    s_pass = student.forward(b * w, head, b * tri(w))
     return {"rollout": rollout, "teacher_scoring": passes["teacher"] * t_pass,
             "student_old": passes["old_logprobs"] * s_pass, "update": 3.0 * s_pass}
 
@@ -424,7 +426,8 @@ def _ours_record(step_s: float, cpu_s: float, clock: PhaseClock, samples, batch,
             "batch_width": int(batch.inputs.shape[1]), "loadavg_1m_before": load_before,
             "step_time_metrics": {k: v for k, v in metrics.items() if k.startswith("time/")},
             "passes": {"teacher": float(metrics["passes/teacher"]),
-                       "old_logprobs": float(metrics["passes/old_logprobs"])},
+                       "old_logprobs": float(metrics["passes/old_logprobs"]),
+                       "logit_positions": float(metrics.get("passes/logit_positions", batch.inputs.numel()))},
             "timing_source": {p: "step metrics" if p in exported else "bench wrappers" for p in STEP_TIMERS},
             "loss": float(metrics.get("loss", float("nan")))}
 

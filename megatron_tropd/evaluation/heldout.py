@@ -35,7 +35,7 @@ from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.evaluation.harness import evaluate as evaluate_benchmark
 from megatron_tropd.rollout.base import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_tropd.training.batch import RolloutBatch, build_batch
-from megatron_tropd.training.schedule import broadcast_from_last_stage, run_schedule
+from megatron_tropd.training.schedule import broadcast_from_last_stage, crop_positions, run_schedule
 from megatron_tropd.training.scoring import ScoreOptions, TeacherScorer, tp_group
 
 # Held-out requests get ids of their own so that their sampling seeds never coincide with training requests'.
@@ -156,7 +156,8 @@ class HeldOutEval:
             def on_logits(s_logits, i, mb=mb, t_logits=t_logits):
                 return s_logits.new_zeros(()), _token_sums(s_logits, t_logits, mb, source, tp, kw)
 
-            for out in run_schedule(self.student.model, [mb], groups, on_logits, forward_only=True):
+            for out in run_schedule(self.student.model, [mb], groups, on_logits, forward_only=True,
+                                    crop=self.score_opts.crop_logits):
                 total += out.cpu()
             del t_logits
         return total.to(groups.device)
@@ -177,7 +178,8 @@ class HeldOutEval:
             def on_logits(s_logits, i, mb=mb, j=j):
                 return s_logits.new_zeros(()), _token_sums_from_scores(s_logits, scores[j], mb, source, tp, kw)
 
-            for out in run_schedule(self.student.model, [mb], self.groups, on_logits, forward_only=True):
+            for out in run_schedule(self.student.model, [mb], self.groups, on_logits, forward_only=True,
+                                    crop=self.score_opts.crop_logits):
                 total += out.cpu()
         return total.to(self.groups.device)
 
@@ -217,10 +219,15 @@ def _mean_length(samples: list) -> float:
 
 def _token_sums(s_logits: torch.Tensor, t_logits: torch.Tensor, mb: RolloutBatch, source: str, tp, kw
                 ) -> torch.Tensor:
-    """Per-token metric sums of one micro-batch from the two logits shards [b, s, V/tp] (same contexts), over its
-    response tokens; float64 [k + 1] in the order STUDENT_SUMS / TEACHER_SUMS, then the token count."""
-    m = mb.response_mask & ~mb.prefix_mask
-    targets = mb.targets.to(s_logits.device)
+    """Per-token metric sums of one micro-batch from the two logits shards [b, s - start, V/tp] (same contexts and
+    positions, from `schedule.logits_start` on), over its response tokens; float64 [k + 1] in the order
+    STUDENT_SUMS / TEACHER_SUMS, then the token count."""
+    if t_logits.shape[:2] != s_logits.shape[:2]:
+        raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits {tuple(s_logits.shape)} cover "
+                         f"different positions (both must crop at the same logits_start)")
+    start = mb.inputs.shape[1] - s_logits.shape[1]
+    m = crop_positions(mb.response_mask & ~mb.prefix_mask, start)
+    targets = crop_positions(mb.targets, start).to(s_logits.device)
     lp_s = ops.token_logprobs(s_logits, targets, tp, **kw)
     lp_t = ops.token_logprobs(t_logits, targets, tp, **kw)
     top_s = ops.topk_logprobs(s_logits, 1, tp, **kw)[1][..., 0]
@@ -237,8 +244,10 @@ def _token_sums(s_logits: torch.Tensor, t_logits: torch.Tensor, mb: RolloutBatch
 def _token_sums_from_scores(s_logits: torch.Tensor, t, mb: RolloutBatch, source: str, tp, kw) -> torch.Tensor:
     """`_token_sums` with the teacher's side from its TeacherTokens `t` (lp_t, top-1 ids, entropy) instead of its
     logits: the full-vocabulary KL entries are nan (and the teacher entropy when the scorer has none)."""
-    m = mb.response_mask & ~mb.prefix_mask
-    targets = mb.targets.to(s_logits.device)
+    start = mb.inputs.shape[1] - s_logits.shape[1]
+    t = t.crop(start)
+    m = crop_positions(mb.response_mask & ~mb.prefix_mask, start)
+    targets = crop_positions(mb.targets, start).to(s_logits.device)
     lp_s = ops.token_logprobs(s_logits, targets, tp, **kw)
     top_s = ops.topk_logprobs(s_logits, 1, tp, **kw)[1][..., 0]
     top_t = t.tk_ids[..., 0]

@@ -67,6 +67,20 @@ class RolloutBatch:
                              f"optim.micro_batch_size={micro_batch_size}")
         return self.split(self.size // micro_batch_size)
 
+    def trimmed(self, multiple: int = 8) -> "RolloutBatch":
+        """The same rows without the trailing positions that no row's response reaches (right padding of the whole
+        rollout batch that this micro-batch does not need), the length S-1 rounded up to `multiple`. Every
+        response token keeps its place and its full left context, so per-token results are unchanged; a micro-batch
+        of short sequences then costs what its own sequences cost (padding-aware micro-batches)."""
+        cols = self.response_mask.any(0).nonzero()
+        used = int(cols[-1]) + 1 if len(cols) else 1
+        seq = min(-(-used // multiple) * multiple, self.tokens.shape[1] - 1)
+        if seq == self.tokens.shape[1] - 1:
+            return self
+        per_token = {f.name: getattr(self, f.name)[:, :seq] for f in fields(self)
+                     if f.name != "tokens" and getattr(self, f.name).dim() == 2}
+        return replace(self, tokens=self.tokens[:, :seq + 1], **per_token)
+
     def to(self, device: torch.device) -> "RolloutBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -33,7 +33,7 @@ from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.objectives import Requirements
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Teacher
-from megatron_tropd.training.schedule import run_schedule
+from megatron_tropd.training.schedule import crop_positions, run_schedule
 from megatron_tropd.training.scoring import ScoreOptions, TeacherTokens, tp_group
 
 _IDS_EXACT = 1 << 24  # float32 holds every integer below 2^24 exactly (token ids travel in the float32 record)
@@ -41,9 +41,10 @@ _IDS_EXACT = 1 << 24  # float32 holds every integer below 2^24 exactly (token id
 
 @dataclass
 class TokenRows:
-    """A teacher micro-batch: only the token ids (the teacher needs nothing else)."""
+    """A teacher micro-batch: the token ids and where each row's response starts (the teacher needs nothing else)."""
 
     tokens: torch.Tensor  # [b, S] int64
+    first_response: torch.Tensor | None = None  # [b] int64 first target index of each row's response (None: 0)
 
     @property
     def size(self) -> int:
@@ -56,6 +57,21 @@ class TokenRows:
     @property
     def targets(self) -> torch.Tensor:
         return self.tokens[:, 1:]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[b, S-1] bool: positions from each row's first response target on (what `run_schedule(crop=True)` reads
+        to cut prompt positions off the output layer)."""
+        pos = torch.arange(self.tokens.shape[1] - 1, device=self.tokens.device)
+        first = self.first_response if self.first_response is not None else torch.zeros(self.size, dtype=torch.long)
+        return pos.unsqueeze(0) >= first.to(self.tokens.device).unsqueeze(1)
+
+
+def first_response(response_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] bool -> [b] int64 index of each row's first True (s when a row has none)."""
+    s = response_mask.shape[1]
+    idx = torch.arange(s, device=response_mask.device).expand_as(response_mask)
+    return torch.where(response_mask, idx, s).amin(-1).cpu()
 
 
 def record_width(req: Requirements) -> int:
@@ -125,70 +141,79 @@ class OwnLayoutTeacherScorer:
             raise ValueError("full-vocabulary objectives need the teacher's logits shard aligned with the student's: "
                              "use a same-layout teacher (teacher.scorer=same_layout)")
         sg = self.student_groups
-        tokens, plan = self._gather_rows(micro_batches)
+        tokens, first, plan = self._gather_rows(micro_batches)
         if self.offload:
             self._move(self.groups.device)
         try:
-            records = self._teacher_pass(tokens, plan, req)
+            records = self._teacher_pass(tokens, first, plan, req)
         finally:
             if self.offload:
                 self._move(torch.device("cpu"))
         mine = self._exchange(records, plan, req)
         if not sg.is_last_stage:
             return []
-        return [unpack(rec, req) for rec in mine]
+        return [unpack(rec[:, :mb.inputs.shape[1]], req) for rec, mb in zip(mine, micro_batches)]
 
     # ------------------------------------------------------------------------------------------------ 1. rows
-    def _gather_rows(self, micro_batches: list[RolloutBatch]) -> tuple[torch.Tensor, RowPlan]:
+    def _gather_rows(self, micro_batches: list[RolloutBatch]) -> tuple[torch.Tensor, torch.Tensor, RowPlan]:
         """Every student DP rank's token rows on every rank, in canonical order; and where each row goes."""
         sg = self.student_groups
         sender = sg.is_last_stage and sg.tp_rank == 0
-        mine = (sg.dp_rank, [mb.tokens.cpu() for mb in micro_batches]) if sender else None
+        mine = (sg.dp_rank, [(mb.tokens.cpu(), first_response(mb.response_mask)) for mb in micro_batches]
+                ) if sender else None
         everyone: list = [None] * sg.world_size
         dist.all_gather_object(everyone, mine)
         per_dp = {dp: mbs for dp, mbs in (e for e in everyone if e is not None)}
         if sorted(per_dp) != list(range(sg.dp_size)):
             raise RuntimeError(f"own-layout teacher: rows from student DP ranks {sorted(per_dp)}, expected all "
                                f"{sg.dp_size}")
-        keys, rows = [], []
+        keys, rows, firsts = [], [], []
         for dp in range(sg.dp_size):
-            for j, t in enumerate(per_dp[dp]):
+            for j, (t, first) in enumerate(per_dp[dp]):
                 keys += [(dp, j, r) for r in range(t.shape[0])]
                 rows.append(t)
-        lengths = {t.shape[1] for t in rows}
-        if len(lengths) > 1:
-            raise ValueError(f"own-layout teacher: micro-batches of one call must share a sequence length, got "
-                             f"{sorted(lengths)}")
+                firsts.append(first)
+        # micro-batches trimmed to their own length (StepOptions.trim_multiple) are right-padded to the longest:
+        # positions past a row's end change nothing before them (causal attention) and are cropped off on return
+        width = max((t.shape[1] for t in rows), default=1)
+        rows = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in rows]
         mbs = self.micro_batch_size or max((t.shape[0] for t in rows), default=1)
         t_dp = self.groups.dp_size
         per_step = t_dp * mbs
         n = len(keys)
         padded = -(-n // per_step) * per_step if n else 0
         tokens = torch.cat(rows) if rows else torch.zeros(0, 1, dtype=torch.int64)
+        first = torch.cat(firsts) if firsts else torch.zeros(0, dtype=torch.int64)
         if padded > n:
             tokens = torch.cat([tokens, tokens[-1:].expand(padded - n, -1)])
-        return tokens, RowPlan(keys, padded // t_dp if padded else 0, mbs, tokens.shape[1] - 1 if n else 0)
+            first = torch.cat([first, first[-1:].expand(padded - n)])
+        return tokens, first, RowPlan(keys, padded // t_dp if padded else 0, mbs, tokens.shape[1] - 1 if n else 0)
 
     # ------------------------------------------------------------------------------------------------ 2. teacher
-    def _teacher_pass(self, tokens: torch.Tensor, plan: RowPlan, req: Requirements) -> torch.Tensor | None:
-        """[share, s, width] records of this teacher DP rank's rows (on its last stage), else None."""
+    def _teacher_pass(self, tokens: torch.Tensor, first: torch.Tensor, plan: RowPlan, req: Requirements
+                      ) -> torch.Tensor | None:
+        """[share, s, width] records of this teacher DP rank's rows (on its last stage), else None. `first`: each
+        row's first response target; the output layer runs from the micro-batch's earliest one on (0 before)."""
         g = self.groups
         if plan.share == 0:
             return None
-        mine = tokens[g.dp_rank * plan.share:(g.dp_rank + 1) * plan.share].to(g.device)
-        micro = [TokenRows(mine[i:i + plan.micro_batch_size]) for i in range(0, plan.share, plan.micro_batch_size)]
+        rows = slice(g.dp_rank * plan.share, (g.dp_rank + 1) * plan.share)
+        mine, mine_first = tokens[rows].to(g.device), first[rows]
+        micro = [TokenRows(mine[i:i + plan.micro_batch_size], mine_first[i:i + plan.micro_batch_size])
+                 for i in range(0, plan.share, plan.micro_batch_size)]
         tp, kw = tp_group(g), dict(temperature=self.opts.temperature, vocab_size=self.opts.vocab_size)
 
         def on_logits(logits, i):
-            # logits: this teacher rank's shard [b, s, V_padded / tp_teacher]
-            out = TeacherTokens(lp_t=ops.token_logprobs(logits, micro[i].targets, tp, **kw))
+            # logits: this teacher rank's shard [b, s - start, V_padded / tp_teacher] (positions >= start)
+            start = micro[i].targets.shape[1] - logits.shape[1]
+            out = TeacherTokens(lp_t=ops.token_logprobs(logits, crop_positions(micro[i].targets, start), tp, **kw))
             if req.teacher_topk:
                 out.tk_lp, out.tk_ids = ops.topk_logprobs(logits, req.teacher_topk, tp, **kw)
             if wants_entropy(req):
                 out.ent_t = ops.entropy(logits, tp, **kw)
-            return logits.new_zeros(()), pack(out, req)
+            return logits.new_zeros(()), pack(out.uncrop(start), req)
 
-        outs = run_schedule(self.teacher.model, micro, g, on_logits, forward_only=True)
+        outs = run_schedule(self.teacher.model, micro, g, on_logits, forward_only=True, crop=self.opts.crop_logits)
         return torch.cat(outs) if g.is_last_stage else None
 
     # ------------------------------------------------------------------------------------------------ 3. exchange

@@ -98,7 +98,8 @@ def build_run(cfg: Config) -> Run:
                             updates, dtype=cfg.student.dtype, recompute=cfg.student.recompute_activations,
                             sequence_parallel=cfg.parallel.sequence_parallel,
                             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    step_opts = StepOptions(temperature=cfg.rollout.temperature, vocab_size=vocab,
+    pad_multiple = 8 * math.lcm(groups.tp_size, *(t.spec.tp or 1 for t in inputs.teachers))
+    step_opts = StepOptions(temperature=cfg.rollout.temperature, vocab_size=vocab, trim_multiple=pad_multiple,
                             micro_batch_size=cfg.optim.micro_batch_size,
                             updates_per_batch=cfg.optim.updates_per_batch,
                             minibatches_per_update=cfg.optim.minibatches_per_update,
@@ -121,7 +122,7 @@ def build_run(cfg: Config) -> Run:
                                   prefix_fraction=cfg.guidance.prefix_fraction, seed=cfg.train.seed,
                                   length_dist=cfg.guidance.prefix_length),
         step_opts=step_opts, pad_id=pad_id, run_dir=run_dir, start_step=start, evaluate=None,
-        router=inputs.router, pad_multiple=8 * math.lcm(groups.tp_size, *(t.spec.tp or 1 for t in inputs.teachers)),
+        router=inputs.router, pad_multiple=pad_multiple,
     )
     if cfg.rollout.overlap:  # training/overlap.py: a resumed run re-pends the rollouts its checkpoint prefetched
         run.rollouts = RolloutPrefetcher(sampler, generating=run.is_logger)

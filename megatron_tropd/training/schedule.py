@@ -7,13 +7,20 @@ that turns the last stage's vocabulary-sharded logits into small per-token tenso
 shard `[b, s, V_padded/tp]` of that micro-batch; `loss` is a scalar to backpropagate (ignored when forward_only)
 and `outputs` a dict of small tensors. The full logits are dropped when `on_logits` returns, so they never
 outlive a micro-batch. Returns the `outputs` of every micro-batch on the last stage, `[]` elsewhere.
+
+With `crop=True` the output layer runs only from the micro-batch's first response position on (`logits_start`):
+prompt positions carry no loss and no statistic, and the output layer and every vocabulary-sized op after it are
+the largest per-token cost of a small model (SmolLM2-135M: 28 M of its 135 M matmul parameters). `on_logits` then
+gets `[b, s - start, V_padded/tp]`; `start = s - logits.shape[1]` recovers the offset and `crop_positions` cuts
+the micro-batch's per-token tensors to match.
 The loss is taken as given: the models are built with `calculate_per_token_loss=True` and each micro-batch
 reports zero tokens, so megatron neither divides the loss by micro-batch counts nor the gradients by token counts
 (our objectives already carry the global normalisation, in one place: `objectives.token_weights`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,8 +35,53 @@ def position_ids(inputs: torch.Tensor) -> torch.Tensor:
     return torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
 
 
+def logits_start(response_mask: torch.Tensor) -> int:
+    """The first target position [b, s] `response_mask` has in any row: every earlier position is a prompt token of
+    every row (prompts are left-aligned), so no loss or statistic reads its logits. 0 when nothing is a response."""
+    cols = response_mask.any(0).nonzero()
+    return int(cols[0]) if len(cols) else 0
+
+
+def crop_positions(x: torch.Tensor, start: int) -> torch.Tensor:
+    """[b, s, ...] -> [b, s - start, ...]: a per-token tensor aligned with logits of `logits_start` = start."""
+    return x[:, start:] if start else x
+
+
+def uncrop_positions(x: torch.Tensor, start: int, value: float = 0.0) -> torch.Tensor:
+    """[b, s - start, ...] -> [b, s, ...], the `start` cropped positions filled with `value` (they are prompt
+    positions, masked out of every loss and metric)."""
+    if not start:
+        return x
+    return torch.cat([x.new_full((x.shape[0], start, *x.shape[2:]), value), x], dim=1)
+
+
+def _output_layer(model):
+    """The megatron GPTModel's output layer under DDP / Float16Module wrappers; None off the last pipeline stage."""
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "output_layer", None)
+
+
+@contextmanager
+def logits_from(model, start: int) -> Iterator[int]:
+    """Within the block `model`'s forward computes logits for positions >= `start` only: the output layer's input
+    (hidden states [s, b, h]) is cut to [s - start, b, h], so the logits are [b, s - start, V_padded/tp] and the
+    backward through the cut is exact (prompt positions get no gradient from the output layer, as they get none from
+    a masked loss). Yields the offset in effect: 0 (nothing cut) off the last stage, for start 0, and with sequence
+    parallelism, where the output layer's input is sharded along s."""
+    layer = _output_layer(model)
+    if start <= 0 or layer is None or getattr(layer, "sequence_parallel", False):
+        yield 0
+        return
+    handle = layer.register_forward_pre_hook(lambda module, args: (args[0][start:], *args[1:]))
+    try:
+        yield start
+    finally:
+        handle.remove()
+
+
 def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, on_logits: OnLogits,
-                 *, forward_only: bool) -> list[dict]:
+                 *, forward_only: bool, crop: bool = False) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
@@ -39,8 +91,10 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
 
     def forward_step(data_iterator, model_chunk):
         index = next(data_iterator)
-        inputs = micro_batches[index].inputs.to(device)
-        output = model_chunk(inputs, position_ids(inputs), None)
+        mb = micro_batches[index]
+        inputs = mb.inputs.to(device)
+        with logits_from(model_chunk, logits_start(mb.response_mask) if crop else 0):
+            output = model_chunk(inputs, position_ids(inputs), None)
 
         def loss_func(logits):
             loss, outputs = on_logits(logits, index)
@@ -52,9 +106,10 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
 
         return output, loss_func
 
-    seq_length = micro_batches[0].inputs.shape[1]
-    if any(mb.inputs.shape != micro_batches[0].inputs.shape for mb in micro_batches):
-        raise ValueError("all micro-batches of a schedule must have the same [b, s] shape (pipeline p2p buffers)")
+    seq_length = max(mb.inputs.shape[1] for mb in micro_batches)
+    if groups.pp_size > 1 and any(mb.inputs.shape != micro_batches[0].inputs.shape for mb in micro_batches):
+        raise ValueError("with pipeline parallelism all micro-batches of a schedule must have the same [b, s] shape "
+                         "(pipeline p2p buffers)")
     return get_forward_backward_func(groups.pp_size, None)(
         forward_step_func=forward_step,
         data_iterator=order,

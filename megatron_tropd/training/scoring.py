@@ -6,7 +6,9 @@ tensors an objective declares (`Requirements`), per micro-batch and aligned with
     TeacherTokens: lp_t [b, s]; tk_lp / tk_ids [b, s, k] and ent_t [b, s] when asked
     StudentTokens: lp_old [b, s]; ent_s [b, s] when asked
 
-all at the rollout temperature over the real vocabulary. Full logits never outlive a micro-batch.
+all at the rollout temperature over the real vocabulary. Full logits never outlive a micro-batch, and they are
+computed only from each micro-batch's first response position on (`schedule.logits_start`); the positions before
+it (prompt tokens) hold 0 in these tensors and are masked out of every loss and metric.
 
 The step talks to the teacher only through `TeacherScorer.score`; `MegatronTeacherScorer` (a frozen megatron
 teacher in the student's TP/PP layout) is its first implementation.
@@ -23,7 +25,7 @@ from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.objectives import Requirements
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Teacher
-from megatron_tropd.training.schedule import position_ids, run_schedule
+from megatron_tropd.training.schedule import crop_positions, logits_from, position_ids, run_schedule, uncrop_positions
 
 
 @dataclass
@@ -35,6 +37,16 @@ class TeacherTokens:
     tk_ids: torch.Tensor | None = None  # [b, s, k] int64 their token ids
     ent_t: torch.Tensor | None = None  # [b, s] teacher entropy over the full vocabulary
 
+    def crop(self, start: int) -> "TeacherTokens":
+        """Positions >= start only (aligned with logits of `schedule.logits_start` = start)."""
+        return TeacherTokens(*(None if x is None else crop_positions(x, start)
+                               for x in (self.lp_t, self.tk_lp, self.tk_ids, self.ent_t)))
+
+    def uncrop(self, start: int) -> "TeacherTokens":
+        """From logits of positions >= start to the micro-batch's [b, s] (0 / id 0 before `start`)."""
+        return TeacherTokens(*(None if x is None else uncrop_positions(x, start)
+                               for x in (self.lp_t, self.tk_lp, self.tk_ids, self.ent_t)))
+
 
 @dataclass
 class StudentTokens:
@@ -43,11 +55,18 @@ class StudentTokens:
     lp_old: torch.Tensor  # [b, s] float32
     ent_s: torch.Tensor | None = None  # [b, s] student entropy over the full vocabulary
 
+    def crop(self, start: int) -> "StudentTokens":
+        return StudentTokens(*(None if x is None else crop_positions(x, start) for x in (self.lp_old, self.ent_s)))
+
+    def uncrop(self, start: int) -> "StudentTokens":
+        return StudentTokens(*(None if x is None else uncrop_positions(x, start) for x in (self.lp_old, self.ent_s)))
+
 
 @dataclass(frozen=True)
 class ScoreOptions:
     temperature: float  # every log-prob is taken at it (the rollout temperature)
     vocab_size: int  # the real vocabulary: padding rows are excluded
+    crop_logits: bool = True  # logits only from each micro-batch's first response position on (schedule.logits_start)
 
 
 class TeacherScorer(Protocol):
@@ -85,21 +104,32 @@ class MegatronTeacherScorer:
         tp, kw = tp_group(self.groups), dict(temperature=self.opts.temperature, vocab_size=self.opts.vocab_size)
 
         def on_logits(logits, i):
-            return logits.new_zeros(()), teacher_tokens(logits, micro_batches[i].targets, req, tp, **kw)
+            targets = micro_batches[i].targets
+            start = targets.shape[1] - logits.shape[1]
+            t = teacher_tokens(logits, crop_positions(targets, start), req, tp, **kw)
+            return logits.new_zeros(()), t.uncrop(start)
 
-        return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True)
+        return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True,
+                            crop=self.opts.crop_logits)
 
     @torch.no_grad()
-    def forward_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """[b, s] input ids -> the teacher's logits shard [b, s, V_padded/tp] (pipeline size 1 only)."""
-        return self.teacher.model(inputs, position_ids(inputs), None)
+    def forward_logits(self, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """[b, s] input ids -> the teacher's logits shard [b, s - start, V_padded/tp] of positions >= `start`
+        (pipeline size 1 only; the caller's `start` is one `schedule.logits_from` honours for this model)."""
+        with logits_from(self.teacher.model, start) as applied:
+            if applied != start:
+                raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
+            return self.teacher.model(inputs, position_ids(inputs), None)
 
     @torch.no_grad()
     def micro_batch_logits(self, micro_batch: RolloutBatch) -> torch.Tensor | None:
-        """The teacher's logits shard [b, s, V_padded/tp] of one micro-batch through its own (pipelined) schedule,
-        on the last pipeline stage (None elsewhere): any PP size, one micro-batch's logits alive at a time."""
+        """The teacher's logits shard [b, s - start, V_padded/tp] of one micro-batch (positions from
+        `schedule.logits_start` on, as a student's `run_schedule(..., crop=True)` of the same micro-batch; all
+        positions with ScoreOptions.crop_logits off) through its own (pipelined) schedule, on the last pipeline
+        stage (None elsewhere): any PP size, one micro-batch's logits alive at a time."""
         out = run_schedule(self.teacher.model, [micro_batch], self.groups,
-                           lambda logits, i: (logits.new_zeros(()), logits), forward_only=True)
+                           lambda logits, i: (logits.new_zeros(()), logits), forward_only=True,
+                           crop=self.opts.crop_logits)
         return out[0] if out else None
 
 
@@ -110,9 +140,12 @@ def score_student_old(model, micro_batches: list[RolloutBatch], groups: Parallel
     tp, kw = tp_group(groups), dict(temperature=opts.temperature, vocab_size=opts.vocab_size)
 
     def on_logits(logits, i):
-        out = StudentTokens(lp_old=ops.token_logprobs(logits, micro_batches[i].targets.to(logits.device), tp, **kw))
+        targets = micro_batches[i].targets
+        start = targets.shape[1] - logits.shape[1]
+        out = StudentTokens(lp_old=ops.token_logprobs(logits, crop_positions(targets, start).to(logits.device), tp,
+                                                      **kw))
         if with_entropy or req.student_entropy or req.entropy_threshold == "student":
             out.ent_s = ops.entropy(logits, tp, **kw)
-        return logits.new_zeros(()), out
+        return logits.new_zeros(()), out.uncrop(start)
 
-    return run_schedule(model, micro_batches, groups, on_logits, forward_only=True)
+    return run_schedule(model, micro_batches, groups, on_logits, forward_only=True, crop=opts.crop_logits)

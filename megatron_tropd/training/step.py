@@ -10,6 +10,9 @@ unless the objective needs a batch-level student-entropy threshold before the fi
 student's own tokens by the rollout engine's log-probs (`behaviour_logprobs`), so the ratio is against the policy
 that sampled them. For full-vocabulary objectives the teacher runs once, inside the micro-batch: lp_t (and top-k /
 entropy) are taken from the same teacher logits as the divergence. `StepOptions.fused_* = False` forces the separate passes (tests).
+Every pass computes logits (output layer, vocabulary-sized ops) only from the micro-batch's first response position
+on (`schedule.logits_start`; `StepOptions.crop_logits = False` computes them everywhere, for tests); the objective
+then sees its per-token tensors on that window of positions, which holds every token with a loss.
 
 The objective sees per-token tensors computed on vocabulary shards (`megatron_tropd.ops`); its loss carries the
 global normalisation (one all-reduce of token counts per optimizer step), so gradients do not depend on the
@@ -31,7 +34,7 @@ from megatron_tropd.objectives import (
 )
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Student
-from megatron_tropd.training.schedule import broadcast_from_last_stage, run_schedule
+from megatron_tropd.training.schedule import broadcast_from_last_stage, crop_positions, logits_start, run_schedule
 from megatron_tropd.training.scoring import (
     ScoreOptions, StudentTokens, TeacherScorer, TeacherTokens, score_student_old, teacher_tokens, tp_group,
 )
@@ -53,10 +56,16 @@ class StepOptions:
     # the behaviour policy is the rollout engine's (rollout.overlap: samples one weight version old): on the student's
     # own tokens the objectives' lp_old (ratio denominator, reward reference) is the engine's lp_roll
     ratio_against_rollout: bool = False
+    # logits only from each micro-batch's first response position on (prompt positions carry no loss)
+    crop_logits: bool = True
+    # cut each micro-batch's right padding to its own longest sequence, rounded up to this multiple (8 x every TP
+    # size: sequence parallelism); 0 = every micro-batch as wide as the rollout batch. Pipeline parallelism keeps
+    # one width (its p2p buffers)
+    trim_multiple: int = 8
 
     @property
     def score(self) -> ScoreOptions:
-        return ScoreOptions(self.temperature, self.vocab_size)
+        return ScoreOptions(self.temperature, self.vocab_size, self.crop_logits)
 
 
 @dataclass
@@ -94,6 +103,8 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                          "parallelism instead")
     device = groups.device
     micro = [mb.to(device) for mb in batch.micro_batches(opts.micro_batch_size)]
+    if opts.trim_multiple and groups.pp_size == 1:  # pipeline p2p buffers need one shape for every micro-batch
+        micro = [mb.trimmed(opts.trim_multiple) for mb in micro]
     # one update per rollout batch: the training forward runs at the old weights, unless the objective needs the
     # batch's student-entropy threshold before the first micro-batch's loss
     fused_old = (opts.fused_old_logprobs and opts.updates_per_batch == 1 and opts.minibatches_per_update == 1
@@ -141,7 +152,10 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
     if timings is not None:
         timings.update({"time/teacher_s": t1 - t0, "time/old_logprobs_s": t2 - t1, "time/update_s": t3 - t2,
                         "passes/teacher": float(1 + (in_step_teacher and not fused_teacher)),
-                        "passes/old_logprobs": float(not fused_old)})
+                        "passes/old_logprobs": float(not fused_old),
+                        "passes/logit_positions": float(_logit_positions(micro, opts.crop_logits
+                                                                         and not student.gpt.config.sequence_parallel)),
+                        "passes/positions": float(sum(mb.inputs.numel() for mb in micro))})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["grad_norm/max"] = max(grad_norms)
@@ -160,27 +174,38 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
 
     def on_logits(logits, i):
         mb, t, o = mini[i].batch, mini[i].teacher, mini[i].old
+        # logits [b, s - start, V_padded/tp] of positions >= start (schedule.logits_start); every per-token tensor
+        # below is cut to the same window, which holds all of the micro-batch's response tokens
+        start = mb.inputs.shape[1] - logits.shape[1]
+        targets, response, prefix, offline, lp_roll, positions = (
+            crop_positions(x, start) for x in (mb.targets, mb.response_mask, mb.prefix_mask, mb.offline_mask,
+                                               mb.lp_roll, mb.positions))
         t_logits = None
-        if ctx.fused_teacher:  # the teacher's one pass over this micro-batch: [b, s, V_padded/tp]
-            t_logits = teacher.forward_logits(mb.inputs)
-            t = teacher_tokens(t_logits, mb.targets, req, tp, **kw)
-        lp_s = ops.token_logprobs(logits, mb.targets, tp, **kw)
+        if ctx.fused_teacher:  # the teacher's one pass over this micro-batch: [b, s - start, V_padded/tp]
+            t_logits = teacher.forward_logits(mb.inputs, start)
+            t = teacher_tokens(t_logits, targets, req, tp, **kw)
+        else:
+            t = t.crop(start)
+        lp_s = ops.token_logprobs(logits, targets, tp, **kw)
         if ctx.fused_old:  # the old policy is the current one: rho = exp(lp_s - lp_old) == 1, d rho = d lp_s
             with torch.no_grad():
                 o = StudentTokens(lp_old=lp_s.detach(), ent_s=ops.entropy(logits.detach(), tp, **kw))
+        else:
+            o = o.crop(start)
         lp_old = o.lp_old
         if ctx.opts.ratio_against_rollout:
-            lp_old = behaviour_logprobs(o.lp_old, mb.lp_roll, mb.response_mask & ~mb.prefix_mask & ~mb.offline_mask)
+            lp_old = behaviour_logprobs(o.lp_old, lp_roll, response & ~prefix & ~offline)
         sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
-        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, req, tp, kw, t_logits)
+        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb.inputs, offline, start, req, tp, kw,
+                                                      t_logits)
         inputs = TokenInputs(
-            lp_s=lp_s, lp_old=lp_old, lp_t=t.lp_t, response_mask=mb.response_mask,
-            prefix_mask=mb.prefix_mask, sample_ids=mb.sample_ids, positions=mb.positions, step=ctx.step,
-            lp_roll=mb.lp_roll if req.rollout_logprobs else None, tk_lp=t.tk_lp, tk_ids=t.tk_ids,
+            lp_s=lp_s, lp_old=lp_old, lp_t=t.lp_t, response_mask=response,
+            prefix_mask=prefix, sample_ids=mb.sample_ids, positions=positions, step=ctx.step,
+            lp_roll=lp_roll if req.rollout_logprobs else None, tk_lp=t.tk_lp, tk_ids=t.tk_ids,
             sk_lp=sk_lp, ent_t=t.ent_t, ent_s=o.ent_s, full_kl=full_kl, entropy_threshold=ctx.entropy_threshold,
-            offline_mask=mb.offline_mask, offline_kl=offline_kl,
+            offline_mask=offline, offline_kl=offline_kl,
         )
-        weights = token_weights(mb.response_mask, mb.prefix_mask, ctx.counts, cfg.aggregation)
+        weights = token_weights(response, prefix, ctx.counts, cfg.aggregation)
         names = ctx.opts.teacher_names
         rows = {f"teacher/{n}": mb.routes == j for j, n in enumerate(names)} if len(names) > 1 else None
         loss, metrics = objective(inputs, weights, rows)
@@ -195,7 +220,8 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
 
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
-    return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False)
+    return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False,
+                        crop=ctx.opts.crop_logits)
 
 
 def behaviour_logprobs(lp_old: torch.Tensor, lp_roll: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -207,15 +233,17 @@ def behaviour_logprobs(lp_old: torch.Tensor, lp_roll: torch.Tensor, own: torch.T
     return torch.where(own, lp_roll.to(lp_old.dtype), lp_old.detach())
 
 
-def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, req, tp, kw, t_logits=None):
-    """(full_kl, offline_kl) [b, s] from the teacher's logits shard of this micro-batch (ops.kl_divergence), each
-    None when not asked for; the teacher runs only when one is needed (offline: the micro-batch has teacher-written
-    tokens) and `t_logits` (the step's in-micro-batch teacher pass) is not given. The same kind is computed once."""
-    offline = req.offline_kl is not None and bool(mb.offline_mask.any())
+def _full_vocab_divergences(teacher: TeacherScorer, logits, inputs, offline_mask, start: int, req, tp, kw,
+                            t_logits=None):
+    """(full_kl, offline_kl) [b, s - start] from the teacher's logits shard of this micro-batch (positions >= start,
+    as the student's `logits`; ops.kl_divergence), each None when not asked for; the teacher runs only when one is
+    needed (offline: `offline_mask`, the micro-batch's teacher-written tokens, has any) and `t_logits` (the step's
+    in-micro-batch teacher pass) is not given. The same kind is computed once."""
+    offline = req.offline_kl is not None and bool(offline_mask.any())
     if req.full_vocab_kl is None and not offline:
         return None, None
     if t_logits is None:
-        t_logits = teacher.forward_logits(mb.inputs)
+        t_logits = teacher.forward_logits(inputs, start)
     full_kl = offline_kl = None
     if req.full_vocab_kl is not None:
         full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
@@ -225,6 +253,12 @@ def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, re
         offline_kl = full_kl if same else ops.kl_divergence(logits, t_logits, tp, kind=req.offline_kl,
                                                             beta=req.offline_beta, **kw)
     return full_kl, offline_kl
+
+
+def _logit_positions(micro: list[RolloutBatch], crop: bool) -> int:
+    """Positions of one pass over `micro` at which the output layer runs: from each micro-batch's logits_start on
+    when cropping, else all of them (passes/logit_positions; passes/positions counts every input position)."""
+    return sum(mb.size * (mb.inputs.shape[1] - (logits_start(mb.response_mask) if crop else 0)) for mb in micro)
 
 
 def _batch_metrics(micro: list[RolloutBatch], groups: ParallelGroups, device) -> dict:
