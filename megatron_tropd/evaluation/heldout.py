@@ -139,6 +139,8 @@ class HeldOutEval:
         batch = build_batch(samples, opts.pad_id, pad_to_multiple=opts.pad_multiple or 8 * groups.tp_size,
                             routes=routes)
         micro = batch.dp_shard(groups.dp_size, groups.dp_rank).micro_batches(self.opts.micro_batch_size)
+        if groups.pp_size == 1:  # each micro-batch as wide as its own sequences (one width under PP: p2p buffers)
+            micro = [mb.trimmed(opts.pad_multiple or 8 * groups.tp_size) for mb in micro]
         return [mb.to(groups.device) for mb in micro]
 
     @torch.no_grad()
