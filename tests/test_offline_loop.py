@@ -9,7 +9,7 @@ import pytest
 from megatron_tropd.distributed.spawn import run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_loop import _overrides, _train, tiny_models  # noqa: E402,F401 (fixture)
+from test_train_loop import _overrides, _train  # noqa: E402
 
 HELD_OUT = ("forward_kl", "reverse_kl", "top1_agreement", "top1_agreement_teacher", "teacher_nll",
             "student_entropy", "teacher_entropy", "distinct_2", "distinct_3", "student_nll_teacher",

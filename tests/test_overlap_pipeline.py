@@ -2,10 +2,7 @@
 trains (timeline), one weight version old, with the ratio against the engine's log-probs; start-up checks, exact
 resume after a SIGKILL, and an error in the generation thread reaching the caller."""
 import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,8 @@ import torch
 from megatron_tropd.distributed.spawn import run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_loop import ROOT, _cli, _metrics, _overrides, _train, tiny_models  # noqa: E402,F401
+from conftest import kill_after_checkpoint  # noqa: E402
+from test_train_loop import ROOT, _cli, _metrics, _overrides, _train  # noqa: E402
 
 STEPS = 4
 OPD = {"objective.name": "opd", "guidance.enabled": "false", "train.steps": STEPS, "data.eval_size": 0}
@@ -98,13 +96,7 @@ def test_resume_after_kill_matches_uninterrupted_overlapped_run(tiny_models, tmp
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     proc = _cli(_overrides(tiny_models, killed_dir, **extra))
-    marker = killed_dir / "checkpoints" / "step_000001" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    killed_at = max(int(p.name.split("_")[1].split(".")[0]) for p in (killed_dir / "checkpoints").iterdir())
+    killed_at = kill_after_checkpoint(proc, killed_dir, 1)
     assert killed_at < STEPS - 1, "the run finished before it could be killed; the test proves nothing"
     trainer = json.loads((killed_dir / "checkpoints" / f"step_{killed_at:06d}" / "trainer.json").read_text())
     assert trainer["prefetched"]["step"] == killed_at + 1  # the next step's one-version-old rollouts

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_hf import char_tokenizer, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,17 +23,6 @@ def _load_run_module():
 
 
 rep = _load_run_module()
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """As tests/test_train_loop.py: a 2-layer student and a 3-layer teacher, random, char tokenizer."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    tok = char_tokenizer()
-    for name, layers, seed in (("student", 2, 0), ("teacher", 3, 1)):
-        tiny_llama(seed=seed, layers=layers).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
 
 
 def _write_run(run_dir: Path, before: dict | None, after: dict, grad_norms: list[float], eval0: dict | None = None):

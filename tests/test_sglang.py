@@ -77,7 +77,6 @@ def _megatron_side(groups, url: str, model_dir: str, weights_dir: str, temperatu
     from megatron_tropd.training.batch import build_batch
     from megatron_tropd.config import OptimConfig
     from megatron_tropd.models.hf_mapping import arch_from_hf_config
-    from megatron_tropd.conversion.hf_io import iter_hf_tensors
     from megatron_tropd.objectives import Requirements
     from megatron_tropd.ops import token_logprobs
     from megatron_tropd.training.schedule import run_schedule

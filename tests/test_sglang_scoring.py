@@ -22,7 +22,7 @@ from megatron_tropd.rollout import sglang_server as srv
 from megatron_tropd.rollout.base import GenerationRequest, Sample, SamplingParams
 from megatron_tropd.rollout.sglang import SGLangEngine
 from megatron_tropd.rollout.sglang_config import SGLangConfig
-from megatron_tropd.rollout.sglang_scoring import (FOLD_MARKER, SampleScores, ScorerCapabilityError,
+from megatron_tropd.rollout.sglang_scoring import (FOLD_MARKER, ScorerCapabilityError,
                                                    SGLangTeacherScorer, check_for_run, check_requirements,
                                                    fold_temperature, logit_temperature_of)
 from megatron_tropd.rollout.sglang_server import SGLangServerError

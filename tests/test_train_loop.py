@@ -1,11 +1,8 @@
 """The whole training loop on tiny random HF models (seconds per run): every objective end to end, exact resume
 after a SIGKILL, and a crash mid-save that leaves the previous checkpoint loadable."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,20 +11,10 @@ import torch
 from megatron_tropd.distributed.spawn import run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_hf import char_tokenizer, tiny_llama  # noqa: E402
+from conftest import kill_after_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 from megatron_tropd.training.metrics import VOLATILE_PREFIXES as VOLATILE  # wall-clock metrics
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_models")
-    tok = char_tokenizer()
-    for name, layers, seed in (("student", 2, 0), ("teacher", 3, 1)):
-        tiny_llama(seed=seed, layers=layers).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
 
 
 def _overrides(models: Path, run_dir: Path, **extra) -> list[str]:
@@ -101,13 +88,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_models, tmp_path):
     assert proc.returncode == 0, out
     # Same run, SIGKILLed as soon as its second checkpoint is complete, then resumed.
     proc = _cli(_overrides(tiny_models, killed_dir, **extra))
-    marker = killed_dir / "checkpoints" / "step_000001" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    killed_at = max(int(p.name.split("_")[1].split(".")[0]) for p in (killed_dir / "checkpoints").iterdir())
+    killed_at = kill_after_checkpoint(proc, killed_dir, 1)
     resumed = _cli(_overrides(tiny_models, killed_dir, **extra), resume=True)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out

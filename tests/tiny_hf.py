@@ -40,3 +40,13 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VO
     with torch.no_grad():  # sharper logits than the default init, so sampling is not uniform noise
         model.lm_head.weight.mul_(20.0) if not tie else None
     return model
+
+
+def save_tiny_pair(root, student_layers: int = 2, teacher_layers: int = 3):
+    """A random `student_layers`-layer student and `teacher_layers`-layer teacher (seeds 0 and 1) with the char
+    tokenizer, saved as HF directories root/student and root/teacher; returns root."""
+    tok = char_tokenizer()
+    for name, layers, seed in (("student", student_layers, 0), ("teacher", teacher_layers, 1)):
+        tiny_llama(seed=seed, layers=layers).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root

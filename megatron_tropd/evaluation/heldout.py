@@ -97,7 +97,7 @@ class HeldOutEval:
         self._teacher_part: tuple | None = None  # (samples, scores), () without; set on every rank at the 1st call
 
     def __call__(self, step: int) -> dict | None:
-        groups, opts = self.groups, self.opts
+        groups = self.groups
         first = self._teacher_part is None  # the same on every rank
         payload = self._generate(step, with_teacher=first) if groups.rank == 0 else None
         box = [payload]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable
 
-from megatron_tropd.evaluation.answers import extract_boxed, extract_math_answer
+from megatron_tropd.evaluation.answers import extract_math_answer
 from megatron_tropd.evaluation.problem import Problem
 from megatron_tropd.evaluation.sandbox import SandboxLimits, run_python
 

@@ -90,7 +90,7 @@ def build_run(cfg: Config) -> Run:
     groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                                  seed=cfg.train.seed)
     student_dir, teacher_dir, tokenizer = inputs.student_dir, inputs.teacher_dir, inputs.tokenizer
-    s_arch, t_arch, vocab = inputs.student_arch, inputs.teacher_arch, inputs.vocab  # vocab: the real vocabulary
+    s_arch, vocab = inputs.student_arch, inputs.vocab  # vocab: the real vocabulary
     pad_id, stop_ids, objective, dataset = inputs.pad_id, inputs.stop_ids, inputs.objective, inputs.dataset
 
     updates = cfg.train.steps * cfg.optim.updates_per_batch * cfg.optim.minibatches_per_update

@@ -1,0 +1,30 @@
+"""Shared fixtures and helpers of the test suite (tests/ is on sys.path: pytest's rootdir insertion)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_hf import save_tiny_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A 2-layer student and a 3-layer teacher, random, char tokenizer (HF dirs tiny_models/student, /teacher)."""
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny_models"))
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 600.0) -> int:
+    """SIGKILL `proc` (a `tropd train` into `run_dir`) as soon as its checkpoint of `step` is complete (or when it
+    ends first); returns the step of the newest checkpoint directory it left."""
+    marker = run_dir / "checkpoints" / f"step_{step:06d}" / "COMPLETE"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    return max(int(p.name.split("_")[1].split(".")[0]) for p in (run_dir / "checkpoints").iterdir())
