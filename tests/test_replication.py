@@ -78,8 +78,13 @@ def test_aggregate_synthetic_runs(tmp_path):
     assert tropd["after"]["reverse_kl"] == pytest.approx({"mean": 1.5, "std": 0.0, "n": 1})  # nan ignored
     assert tropd["after"]["top1_agreement"] == {"mean": None, "std": None, "n": 0}
     assert tropd["grad_spikes"]["total"] == 1
+    # paired after - before per run: opd -1 and -2 (forward KL); tropd -4 (seed 0: its before from eval0) and -2
+    assert opd["change"]["forward_kl"] == pytest.approx({"mean": -1.5, "std": 0.5, "n": 2})
+    assert tropd["change"]["forward_kl"] == pytest.approx({"mean": -3.0, "std": 1.0, "n": 2})
+    assert tropd["change"]["reverse_kl"] == pytest.approx({"mean": -2.0, "std": 0.0, "n": 1})  # seed 1: nan after
     md = rep.results_markdown(results, failed=["unhealed/jsd_seed0"])
     assert "## unhealed" in md and "| opd | 2 |" in md and "2.500 ± 0.500" in md and "unhealed/jsd_seed0" in md
+    assert "| tropd | **-3.000 ± 1.000** |" in md and "| opd | -1.500 ± 0.500 |" in md  # tropd: best change
 
 
 # --- (b) the dry run -----------------------------------------------------------------------------------------------

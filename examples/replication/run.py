@@ -290,11 +290,22 @@ def mean_std(values: Iterable[float | None]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "n": len(xs)}
 
 
+def paired_change(run: dict, metric: str) -> float | None:
+    """after - before of one run's held-out `metric` (None when either is missing): within a (setting, seed) every
+    method starts from the same student and is evaluated on the same held-out samples' seed, so this change, not
+    the level, is what separates methods (the "before" level alone varies between seeds)."""
+    b, a = (run.get("before") or {}).get(metric), (run.get("after") or {}).get(metric)
+    if b is None or a is None:
+        return None
+    return float(a) - float(b)
+
+
 def aggregate(runs: Sequence[dict], metrics: Sequence[str] = (*RESULT_METRICS, *TEACHER_METRICS.values()),
               factor: float = SPIKE_FACTOR) -> dict:
-    """setting -> method -> {"seeds", "before": {metric: mean_std}, "after": {...}, "grad_spikes": mean_std plus
-    "total"} over `runs`: dicts with setting, method, seed, before, after (held-out metrics) and grad_norms
-    ([(step, grad_norm)]). Settings and methods keep their first-seen order."""
+    """setting -> method -> {"seeds", "before": {metric: mean_std}, "after": {...}, "change": {...} (paired
+    after - before per run), "grad_spikes": mean_std plus "total"} over `runs`: dicts with setting, method, seed,
+    before, after (held-out metrics) and grad_norms ([(step, grad_norm)]). Settings and methods keep their
+    first-seen order."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in runs:
         groups.setdefault(r["setting"], {}).setdefault(r["method"], []).append(r)
@@ -307,6 +318,7 @@ def aggregate(runs: Sequence[dict], metrics: Sequence[str] = (*RESULT_METRICS, *
                 "seeds": sorted(r["seed"] for r in rs),
                 **{when: {m: mean_std((r.get(when) or {}).get(m) for r in rs) for m in metrics}
                    for when in ("before", "after")},
+                "change": {m: mean_std(paired_change(r, m) for r in rs) for m in metrics},
                 "grad_spikes": {**mean_std(spikes), "total": sum(spikes)},
             }
     return out
@@ -316,6 +328,21 @@ def _cell(stat: dict, digits: int = 3) -> str:
     if stat.get("mean") is None:
         return "-"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _signed(stat: dict, digits: int = 3) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:+.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _best(by_method: dict, metric: str) -> str | None:
+    """The method whose mean paired change is best for `metric` ("lower" / "higher" metrics only)."""
+    direction = RESULT_METRICS.get(metric)
+    scored = [(r["change"][metric]["mean"], m) for m, r in by_method.items() if r["change"][metric]["mean"] is not None]
+    if direction not in ("lower", "higher") or not scored:
+        return None
+    return (min if direction == "lower" else max)(scored)[1]
 
 
 def results_markdown(results: dict, failed: Sequence[str] = (), factor: float = SPIKE_FACTOR) -> str:
@@ -338,6 +365,16 @@ def results_markdown(results: dict, failed: Sequence[str] = (), factor: float = 
         first, r0 = next(iter(by_method.items()))
         ref = ", ".join(f"{m} {_cell(r0['after'].get(m, {}))}" for m in TEACHER_METRICS.values())
         lines += ["", f"The teacher's own values (it does not train; from the {first} runs): {ref}.", ""]
+        lines += [f"Paired change after - before per run (same student, same held-out sampling seed within a seed), "
+                  f"mean ± std over the seeds; **bold**: the best method of the column.", "",
+                  "| method | " + " | ".join(f"Δ {m} ({RESULT_METRICS.get(m, '')})" for m in metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        best = {m: _best(by_method, m) for m in metrics}
+        for method, r in by_method.items():
+            cells = [(f"**{_signed(r['change'][m])}**" if best[m] == method else _signed(r["change"][m]))
+                     for m in metrics]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
     if failed:
         lines += ["## Failed runs (not in the tables)", "", *(f"- {name}" for name in failed), ""]
     return "\n".join(lines)
