@@ -63,7 +63,8 @@ SETTINGS = ("healed", "unhealed")
 RESULT_METRICS = {"forward_kl": "lower", "reverse_kl": "lower", "top1_agreement": "higher",
                   "top1_agreement_teacher": "higher", "student_entropy": "near teacher", "teacher_nll": "lower",
                   "distinct_2": "near teacher"}
-# The teacher's own values (constant within a run: its held-out samples are drawn once), shown under each table.
+# The teacher's side, shown under each table: its entropy on the student's held-out samples (after training: what
+# student_entropy is compared with) and the distinct-2 of its own held-out samples (drawn once per run).
 TEACHER_METRICS = {"student_entropy": "teacher_entropy", "distinct_2": "teacher_distinct_2"}
 # A gradient-norm spike: a step whose grad_norm exceeds SPIKE_FACTOR x the run's median grad_norm, step 0 excluded
 # from both (its norm reflects the starting point, not the optimisation). The logged norm is the raw one, before
@@ -364,7 +365,8 @@ def results_markdown(results: dict, failed: Sequence[str] = (), factor: float = 
                          + f" | {_cell(spikes, 2)} ({spikes['total']}) |")
         first, r0 = next(iter(by_method.items()))
         ref = ", ".join(f"{m} {_cell(r0['after'].get(m, {}))}" for m in TEACHER_METRICS.values())
-        lines += ["", f"The teacher's own values (it does not train; from the {first} runs): {ref}.", ""]
+        lines += ["", f"The teacher's side (from the {first} runs, after training; teacher_entropy is on the student's "
+                      f"samples, teacher_distinct_2 on the teacher's own): {ref}.", ""]
         lines += [f"Paired change after - before per run (same student, same held-out sampling seed within a seed), "
                   f"mean ± std over the seeds; **bold**: the best method of the column.", "",
                   "| method | " + " | ".join(f"Δ {m} ({RESULT_METRICS.get(m, '')})" for m in metrics) + " |",
