@@ -1,10 +1,11 @@
 """Scorers on tricky answers: fractions, LaTeX, units, $, percentages, commas, choice letters, reasoning-gym."""
 import pytest
 
+from megatron_tropd.evaluation.answers import extract_boxed
 from megatron_tropd.evaluation.benchmarks import Problem
 from megatron_tropd.evaluation.scorers import (
-    extract_boxed, extract_choice, extract_math_answer, get_scorer, gold_letter, math_equal, score_choice,
-    score_math, score_reasoning_gym, sympy_equal,
+    extract_choice, extract_math_answer, get_scorer, gold_letter, math_equal, score_choice, score_math,
+    score_reasoning_gym, sympy_equal,
 )
 
 
