@@ -151,7 +151,7 @@ def model_flops(student: Dims, teacher: Dims, samples: list[dict]) -> float:
 
 def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: bool) -> dict[str, float]:
     """What our step runs: the embedded engine's generate calls, then the teacher and student passes over the padded
-    batch with the output layer on the positions the step reports (`passes/logit_positions`: from each
+    batch with the output layer on the positions the step reports (`throughput/logit_positions`: from each
     micro-batch's first response position on; every position in older JSON files), as many as the step reports
     (`passes/teacher`: teacher forwards per token, 1 when the teacher is fused into the update;
     `passes/old_logprobs`: 0 when lp_old comes from the training forward), and the update (3x forward)."""
@@ -427,7 +427,7 @@ def _ours_record(step_s: float, cpu_s: float, clock: PhaseClock, samples, batch,
             "step_time_metrics": {k: v for k, v in metrics.items() if k.startswith("time/")},
             "passes": {"teacher": float(metrics["passes/teacher"]),
                        "old_logprobs": float(metrics["passes/old_logprobs"]),
-                       "logit_positions": float(metrics.get("passes/logit_positions", batch.inputs.numel()))},
+                       "logit_positions": float(metrics.get("throughput/logit_positions", batch.inputs.numel()))},
             "timing_source": {p: "step metrics" if p in exported else "bench wrappers" for p in STEP_TIMERS},
             "loss": float(metrics.get("loss", float("nan")))}
 

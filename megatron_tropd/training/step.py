@@ -153,9 +153,9 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
         timings.update({"time/teacher_s": t1 - t0, "time/old_logprobs_s": t2 - t1, "time/update_s": t3 - t2,
                         "passes/teacher": float(1 + (in_step_teacher and not fused_teacher)),
                         "passes/old_logprobs": float(not fused_old),
-                        "passes/logit_positions": float(_logit_positions(micro, opts.crop_logits
+                        "throughput/logit_positions": float(_logit_positions(micro, opts.crop_logits
                                                                          and not student.gpt.config.sequence_parallel)),
-                        "passes/positions": float(sum(mb.inputs.numel() for mb in micro))})
+                        "throughput/positions": float(sum(mb.inputs.numel() for mb in micro))})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["grad_norm/max"] = max(grad_norms)
@@ -256,8 +256,10 @@ def _full_vocab_divergences(teacher: TeacherScorer, logits, inputs, offline_mask
 
 
 def _logit_positions(micro: list[RolloutBatch], crop: bool) -> int:
-    """Positions of one pass over `micro` at which the output layer runs: from each micro-batch's logits_start on
-    when cropping, else all of them (passes/logit_positions; passes/positions counts every input position)."""
+    """Positions of one pass over `micro` (this rank's) at which the output layer runs: from each micro-batch's
+    logits_start on when cropping, else all of them (throughput/logit_positions; throughput/positions counts every
+    input position). Cost accounting like the rest of throughput/*: it depends on the layout (micro-batch size, DP),
+    so resumes across layouts do not compare it."""
     return sum(mb.size * (mb.inputs.shape[1] - (logits_start(mb.response_mask) if crop else 0)) for mb in micro)
 
 
