@@ -15,6 +15,7 @@ from megatron_tropd.models.sharding import gather_full_state_dict, load_full_sta
 from megatron_tropd.objectives import ObjectiveConfig, build_objective
 from megatron_tropd.training.batch import build_batch
 from megatron_tropd.training.roles import build_student, build_teacher
+from megatron_tropd.training.schedule import _output_layer
 from megatron_tropd.training.scoring import MegatronTeacherScorer
 from megatron_tropd.training.step import StepOptions, distill_step
 from test_grad_scale import OPTS, _trim, weights  # noqa: F401  (weights: the shared module fixture)
@@ -45,12 +46,6 @@ def _counting(module, counter, key):
 def _counting_positions(layer, counter, key):
     """Sum of the sequence lengths of the logits [s, b, V/tp] `layer` (an output layer) computes."""
     layer.register_forward_hook(lambda module, args, out: counter.__setitem__(key, counter[key] + out[0].shape[0]))
-
-
-def _output_layer(model):
-    while not hasattr(model, "output_layer") and hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "output_layer", None)
 
 
 def _step(groups, weights, cfg, fused, epochs=1):

@@ -102,9 +102,10 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                          "student's micro-batch and support pipeline_model_parallel_size = 1 only; use tensor "
                          "parallelism instead")
     device = groups.device
-    micro = [mb.to(device) for mb in batch.micro_batches(opts.micro_batch_size)]
+    micro = batch.micro_batches(opts.micro_batch_size)
     if opts.trim_multiple and groups.pp_size == 1:  # pipeline p2p buffers need one shape for every micro-batch
-        micro = [mb.trimmed(opts.trim_multiple) for mb in micro]
+        micro = [mb.trimmed(opts.trim_multiple) for mb in micro]  # on the host: no device sync per micro-batch
+    micro = [mb.to(device) for mb in micro]
     # one update per rollout batch: the training forward runs at the old weights, unless the objective needs the
     # batch's student-entropy threshold before the first micro-batch's loss
     fused_old = (opts.fused_old_logprobs and opts.updates_per_batch == 1 and opts.minibatches_per_update == 1
@@ -154,8 +155,7 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                         "passes/teacher": float(1 + (in_step_teacher and not fused_teacher)),
                         "passes/old_logprobs": float(not fused_old),
                         "throughput/logit_positions": float(_logit_positions(micro, opts.crop_logits
-                                                                         and not student.gpt.config.sequence_parallel)),
-                        "throughput/positions": float(sum(mb.inputs.numel() for mb in micro))})
+                                                                         and not student.gpt.config.sequence_parallel))})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["grad_norm/max"] = max(grad_norms)
@@ -257,9 +257,8 @@ def _full_vocab_divergences(teacher: TeacherScorer, logits, inputs, offline_mask
 
 def _logit_positions(micro: list[RolloutBatch], crop: bool) -> int:
     """Positions of one pass over `micro` (this rank's) at which the output layer runs: from each micro-batch's
-    logits_start on when cropping, else all of them (throughput/logit_positions; throughput/positions counts every
-    input position). Cost accounting like the rest of throughput/*: it depends on the layout (micro-batch size, DP),
-    so resumes across layouts do not compare it."""
+    logits_start on when cropping, else all of them (throughput/logit_positions). Cost accounting like the rest of
+    throughput/*: it depends on the layout (micro-batch size, DP), so resumes across layouts do not compare it."""
     return sum(mb.size * (mb.inputs.shape[1] - (logits_start(mb.response_mask) if crop else 0)) for mb in micro)
 
 
