@@ -16,7 +16,7 @@ fi
 
 echo "[setup] building virtualenv at $venv (pins changed or venv missing)" >&2
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir -q)  # no wheel cache: CI disks can be small
 # pip warns about every file:// index location it skips; keep the log readable.
 "${pip[@]}" install -r "$root/requirements.txt" -c "$root/constraints.txt" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
 "${pip[@]}" install --no-deps -r "$root/requirements-nodeps.txt" 2>&1 | grep -v "is ignored: it is neither" >&2 || true

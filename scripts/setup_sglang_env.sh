@@ -19,7 +19,7 @@ fi
 
 echo "[setup-sglang] building $venv (pins changed or venv missing; ~4 min, ~7 GB)" >&2
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir -q)  # no wheel cache: CI disks can be small
 quiet() { grep -v "is ignored: it is neither" >&2 || true; }
 "${pip[@]}" install torch==2.14.1 torchvision==0.29.1 2>&1 | quiet
 # --no-deps: sglang's declared deps pull CUDA-only wheels; the CPU-usable subset is pinned in $reqs.
