@@ -163,8 +163,11 @@ def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: boo
                               [s["response_len"] - s.get("prefix_len", 0) for s in students], True)
     passes = rec.get("passes") or {"teacher": 1.0 + float(full_vocab), "old_logprobs": 1.0}  # older JSON files
     head = passes.get("logit_positions", b * w)
-    t_pass = teacher.forward(b * w, head, b * tri(w))
-    s_pass = student.forward(b * w, head, b * tri(w))
+    # the body over the micro-batches as run (trimmed, packed: throughput/body_positions, /attention_pairs); the
+    # padded batch in older JSON files (an upper bound)
+    body, pairs = passes.get("body_positions", b * w), passes.get("attention_pairs", b * tri(w))
+    t_pass = teacher.forward(body, head, pairs)
+    s_pass = student.forward(body, head, pairs)
     return {"rollout": rollout, "teacher_scoring": passes["teacher"] * t_pass,
             "student_old": passes["old_logprobs"] * s_pass, "update": 3.0 * s_pass}
 
@@ -427,7 +430,10 @@ def _ours_record(step_s: float, cpu_s: float, clock: PhaseClock, samples, batch,
             "step_time_metrics": {k: v for k, v in metrics.items() if k.startswith("time/")},
             "passes": {"teacher": float(metrics["passes/teacher"]),
                        "old_logprobs": float(metrics["passes/old_logprobs"]),
-                       "logit_positions": float(metrics.get("throughput/logit_positions", batch.inputs.numel()))},
+                       "logit_positions": float(metrics.get("throughput/logit_positions", batch.inputs.numel())),
+                       "body_positions": float(metrics.get("throughput/body_positions", batch.inputs.numel())),
+                       "attention_pairs": float(metrics.get("throughput/attention_pairs",
+                                                            batch.size * tri(batch.inputs.shape[1])))},
             "timing_source": {p: "step metrics" if p in exported else "bench wrappers" for p in STEP_TIMERS},
             "loss": float(metrics.get("loss", float("nan")))}
 

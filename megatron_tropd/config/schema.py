@@ -66,6 +66,8 @@ class OptimConfig:
     adam_eps: float = 1e-8  # Adam denominator epsilon
     clip_grad: float = 1.0  # global grad-norm clipping (0 = off)
     micro_batch_size: int = 4  # sequences per micro-batch (gradient accumulation over micro-batches)
+    # PP 1, no sequence parallelism, local attention spec (not TE); docs/performance.md
+    pack_sequences: bool = False  # pack each micro-batch's sequences into fewer rows (block-diagonal attention; same results)
     updates_per_batch: int = 1  # PPO-style epochs over each rollout batch
     minibatches_per_update: int = 1  # optimizer steps per epoch (the rollout batch split into minibatches)
 
@@ -207,6 +209,13 @@ def validate(cfg: Config) -> Config:
                           f"{cfg.train.peak_flops}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    if cfg.optim.pack_sequences and cfg.parallel.pipeline_model_parallel_size > 1:
+        raise ConfigError("optim.pack_sequences needs parallel.pipeline_model_parallel_size = 1 (packed micro-batches "
+                          "have different row counts; the pipeline's p2p buffers need one shape): set "
+                          "optim.pack_sequences=false")
+    if cfg.optim.pack_sequences and cfg.parallel.sequence_parallel:
+        raise ConfigError("optim.pack_sequences does not run with parallel.sequence_parallel (the output layer's "
+                          "input is sharded along the sequence); turn one of them off")
     validate_offline(cfg)
     validate_teachers(cfg)
     check_placement(cfg.sglang, cfg.cluster)

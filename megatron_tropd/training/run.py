@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_tropd.config import Config, save_config
+from megatron_tropd.config import Config, ConfigError, save_config
 from megatron_tropd.conversion.megatron_io import load_megatron_checkpoint
 from megatron_tropd.data import PromptDataset, PromptSampler
 from megatron_tropd.distributed import parallel
@@ -34,7 +34,7 @@ from megatron_tropd.training.metrics import MetricsLogger
 from megatron_tropd.training.overlap import RolloutPrefetcher
 from megatron_tropd.training.preflight import preflight
 from megatron_tropd.training.roles import Student, build_student, hf_loader
-from megatron_tropd.training.scoring import TeacherScorer
+from megatron_tropd.training.scoring import MegatronTeacherScorer, TeacherScorer
 from megatron_tropd.training import teachers as teachers_mod
 from megatron_tropd.training.step import StepOptions
 
@@ -85,6 +85,16 @@ def _weight_loader(model_cfg, hf_dir: Path, arch: ModelArch, groups: ParallelGro
     return hf_loader(hf_dir, arch, groups)
 
 
+def _check_packable(models) -> None:
+    from megatron_tropd.training.packing import check_packable
+
+    for model in models:
+        try:
+            check_packable(model)
+        except ValueError as e:
+            raise ConfigError(f"optim.pack_sequences: {e}") from None
+
+
 def build_run(cfg: Config) -> Run:
     inputs = preflight(cfg)  # config, config.json, tokenizer, prompt data; no model yet: ConfigError / DataError
     groups = parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
@@ -104,8 +114,12 @@ def build_run(cfg: Config) -> Run:
                             updates_per_batch=cfg.optim.updates_per_batch,
                             minibatches_per_update=cfg.optim.minibatches_per_update,
                             teacher_names=tuple(t.spec.name for t in inputs.teachers),
-                            ratio_against_rollout=cfg.rollout.overlap)  # overlap: samples are one version old
+                            ratio_against_rollout=cfg.rollout.overlap,  # overlap: samples are one version old
+                            pack_sequences=cfg.optim.pack_sequences)
     scorers = _megatron_teachers(cfg, inputs.teachers, groups, step_opts)  # index -> scorer (not sglang ones)
+    if cfg.optim.pack_sequences:  # the layer spec is known only now (TE where importable)
+        _check_packable([student.gpt, *(s.teacher.model for s in scorers.values()
+                                        if isinstance(s, MegatronTeacherScorer))])  # own_layout runs unpacked
 
     sampler = PromptSampler(dataset.train, cfg.rollout.prompts_per_step, seed=cfg.data.seed)
     run_dir = Path(cfg.train.run_dir)

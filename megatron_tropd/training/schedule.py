@@ -13,19 +13,22 @@ prompt positions carry no loss and no statistic, and the output layer and every 
 the largest per-token cost of a small model (SmolLM2-135M: 28 M of its 135 M matmul parameters). `on_logits` then
 gets `[b, s - start, V_padded/tp]`; `start = s - logits.shape[1]` recovers the offset and `crop_positions` cuts
 the micro-batch's per-token tensors to match.
+With `pack=True` (PP 1) each micro-batch's sequences run packed into fewer rows (`training/packing.py`) when that
+saves a row; `on_logits` still gets the padded layout, so nothing after the output layer changes.
 The loss is taken as given: the models are built with `calculate_per_token_loss=True` and each micro-batch
 reports zero tokens, so megatron neither divides the loss by micro-batch counts nor the gradients by token counts
 (our objectives already carry the global normalisation, in one place: `objectives.token_weights`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
 
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.distributed.parallel import ParallelGroups
+from megatron_tropd.training import packing
 
 OnLogits = Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]
 
@@ -81,20 +84,26 @@ def logits_from(model, start: int) -> Iterator[int]:
 
 
 def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, on_logits: OnLogits,
-                 *, forward_only: bool, crop: bool = False) -> list[dict]:
+                 *, forward_only: bool, crop: bool = False, pack: bool = False) -> list[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         return []
     device = groups.device
     order = iter(range(len(micro_batches)))
+    plans = pack_plans(model, micro_batches, groups) if pack else [None] * len(micro_batches)
 
     def forward_step(data_iterator, model_chunk):
         index = next(data_iterator)
-        mb = micro_batches[index]
+        mb, plan = micro_batches[index], plans[index]
         inputs = mb.inputs.to(device)
-        with logits_from(model_chunk, logits_start(mb.response_mask) if crop else 0):
-            output = model_chunk(inputs, position_ids(inputs), None)
+        # packing's pre-hook (packed hidden -> padded layout) is registered before the crop's, so it runs first
+        with packing.packed_forward(model_chunk, plan) if plan else nullcontext(), \
+                logits_from(model_chunk, logits_start(mb.response_mask) if crop else 0):
+            if plan:
+                output = model_chunk(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
+            else:
+                output = model_chunk(inputs, position_ids(inputs), None)
 
         def loss_func(logits):
             loss, outputs = on_logits(logits, index)
@@ -120,6 +129,17 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
         forward_only=forward_only,
         **explicit_groups(model, groups),
     )
+
+
+def pack_plans(model, micro_batches: list[RolloutBatch], groups: ParallelGroups) -> list:
+    """Each micro-batch's `packing.PackPlan` on `groups.device` (None where packing saves no row)."""
+    if groups.pp_size > 1:
+        raise ValueError("sequence packing needs pipeline_model_parallel_size = 1 (packed micro-batches have "
+                         "different row counts, and the pipeline's p2p buffers one shape)")
+    packing.check_packable(model)
+    plans = [packing.plan_packing(packing.sequence_lengths(mb.response_mask), mb.inputs.shape[1])
+             for mb in micro_batches]
+    return [p.to(groups.device) if p else None for p in plans]
 
 
 def explicit_groups(model, groups: ParallelGroups) -> dict:

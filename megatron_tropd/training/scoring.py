@@ -23,6 +23,7 @@ import torch
 from megatron_tropd import ops
 from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.objectives import Requirements
+from megatron_tropd.training import packing
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Teacher
 from megatron_tropd.training.schedule import crop_positions, logits_from, position_ids, run_schedule, uncrop_positions
@@ -67,6 +68,7 @@ class ScoreOptions:
     temperature: float  # every log-prob is taken at it (the rollout temperature)
     vocab_size: int  # the real vocabulary: padding rows are excluded
     crop_logits: bool = True  # logits only from each micro-batch's first response position on (schedule.logits_start)
+    pack: bool = False  # run each micro-batch's sequences packed into fewer rows (training/packing.py; PP 1)
 
 
 class TeacherScorer(Protocol):
@@ -110,16 +112,27 @@ class MegatronTeacherScorer:
             return logits.new_zeros(()), t.uncrop(start)
 
         return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True,
-                            crop=self.opts.crop_logits)
+                            crop=self.opts.crop_logits, pack=self.opts.pack)
 
     @torch.no_grad()
-    def forward_logits(self, inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward_logits(self, inputs: torch.Tensor, start: int = 0,
+                       response_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[b, s] input ids -> the teacher's logits shard [b, s - start, V_padded/tp] of positions >= `start`
-        (pipeline size 1 only; the caller's `start` is one `schedule.logits_from` honours for this model)."""
-        with logits_from(self.teacher.model, start) as applied:
-            if applied != start:
-                raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
-            return self.teacher.model(inputs, position_ids(inputs), None)
+        (pipeline size 1 only; the caller's `start` is one `schedule.logits_from` honours for this model). With
+        ScoreOptions.pack and the micro-batch's `response_mask` [b, s] its sequences run packed (same logits)."""
+        model = self.teacher.model
+        plan = None
+        if self.opts.pack and response_mask is not None:
+            packing.check_packable(model)
+            plan = packing.plan_packing(packing.sequence_lengths(response_mask), inputs.shape[1])
+        if plan is None:
+            with logits_from(model, start) as applied:
+                if applied != start:
+                    raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
+                return model(inputs, position_ids(inputs), None)
+        plan = plan.to(inputs.device)
+        with packing.packed_forward(model, plan), logits_from(model, start):
+            return model(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
 
     @torch.no_grad()
     def micro_batch_logits(self, micro_batch: RolloutBatch) -> torch.Tensor | None:
@@ -148,4 +161,5 @@ def score_student_old(model, micro_batches: list[RolloutBatch], groups: Parallel
             out.ent_s = ops.entropy(logits, tp, **kw)
         return logits.new_zeros(()), out.uncrop(start)
 
-    return run_schedule(model, micro_batches, groups, on_logits, forward_only=True, crop=opts.crop_logits)
+    return run_schedule(model, micro_batches, groups, on_logits, forward_only=True, crop=opts.crop_logits,
+                        pack=opts.pack)

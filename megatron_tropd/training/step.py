@@ -32,6 +32,7 @@ from megatron_tropd.distributed.parallel import ParallelGroups
 from megatron_tropd.objectives import (
     GlobalCounts, Objective, TokenInputs, entropy_threshold, global_counts, reduce_metrics, token_weights,
 )
+from megatron_tropd.training import packing
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Student
 from megatron_tropd.training.schedule import broadcast_from_last_stage, crop_positions, logits_start, run_schedule
@@ -62,10 +63,13 @@ class StepOptions:
     # size: sequence parallelism); 0 = every micro-batch as wide as the rollout batch. Pipeline parallelism keeps
     # one width (its p2p buffers)
     trim_multiple: int = 8
+    # every pass runs each micro-batch's sequences packed into fewer rows where that saves one (training/packing.py;
+    # PP 1, local attention spec, no sequence parallelism); per-token results and gradients are unchanged
+    pack_sequences: bool = False
 
     @property
     def score(self) -> ScoreOptions:
-        return ScoreOptions(self.temperature, self.vocab_size, self.crop_logits)
+        return ScoreOptions(self.temperature, self.vocab_size, self.crop_logits, self.pack_sequences)
 
 
 @dataclass
@@ -155,7 +159,8 @@ def distill_step(student: Student, teacher: TeacherScorer, batch: RolloutBatch, 
                         "passes/teacher": float(1 + (in_step_teacher and not fused_teacher)),
                         "passes/old_logprobs": float(not fused_old),
                         "throughput/logit_positions": float(_logit_positions(micro, opts.crop_logits
-                                                                         and not student.gpt.config.sequence_parallel))})
+                                                                         and not student.gpt.config.sequence_parallel)),
+                        **_body_shape(micro, opts.pack_sequences)})
     # every optimizer step of the rollout batch: the mean and the largest pre-clip global norm
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["grad_norm/max"] = max(grad_norms)
@@ -182,7 +187,7 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
                                                mb.lp_roll, mb.positions))
         t_logits = None
         if ctx.fused_teacher:  # the teacher's one pass over this micro-batch: [b, s - start, V_padded/tp]
-            t_logits = teacher.forward_logits(mb.inputs, start)
+            t_logits = teacher.forward_logits(mb.inputs, start, mb.response_mask)
             t = teacher_tokens(t_logits, targets, req, tp, **kw)
         else:
             t = t.crop(start)
@@ -196,8 +201,7 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
         if ctx.opts.ratio_against_rollout:
             lp_old = behaviour_logprobs(o.lp_old, lp_roll, response & ~prefix & ~offline)
         sk_lp = ops.logprobs_at(logits, t.tk_ids, tp, **kw) if req.student_at_teacher_topk else None
-        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb.inputs, offline, start, req, tp, kw,
-                                                      t_logits)
+        full_kl, offline_kl = _full_vocab_divergences(teacher, logits, mb, offline, start, req, tp, kw, t_logits)
         inputs = TokenInputs(
             lp_s=lp_s, lp_old=lp_old, lp_t=t.lp_t, response_mask=response,
             prefix_mask=prefix, sample_ids=mb.sample_ids, positions=positions, step=ctx.step,
@@ -221,7 +225,7 @@ def _update(student: Student, teacher: TeacherScorer, mini: list[ScoredMicroBatc
     student.model.zero_grad_buffer()
     student.optimizer.zero_grad()
     return run_schedule(student.model, [s.batch for s in mini], groups, on_logits, forward_only=False,
-                        crop=ctx.opts.crop_logits)
+                        crop=ctx.opts.crop_logits, pack=ctx.opts.pack_sequences)
 
 
 def behaviour_logprobs(lp_old: torch.Tensor, lp_roll: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
@@ -233,7 +237,7 @@ def behaviour_logprobs(lp_old: torch.Tensor, lp_roll: torch.Tensor, own: torch.T
     return torch.where(own, lp_roll.to(lp_old.dtype), lp_old.detach())
 
 
-def _full_vocab_divergences(teacher: TeacherScorer, logits, inputs, offline_mask, start: int, req, tp, kw,
+def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, offline_mask, start: int, req, tp, kw,
                             t_logits=None):
     """(full_kl, offline_kl) [b, s - start] from the teacher's logits shard of this micro-batch (positions >= start,
     as the student's `logits`; ops.kl_divergence), each None when not asked for; the teacher runs only when one is
@@ -243,7 +247,7 @@ def _full_vocab_divergences(teacher: TeacherScorer, logits, inputs, offline_mask
     if req.full_vocab_kl is None and not offline:
         return None, None
     if t_logits is None:
-        t_logits = teacher.forward_logits(inputs, start)
+        t_logits = teacher.forward_logits(mb.inputs, start, mb.response_mask)
     full_kl = offline_kl = None
     if req.full_vocab_kl is not None:
         full_kl = ops.kl_divergence(logits, t_logits, tp, kind=req.full_vocab_kl, beta=req.full_vocab_beta, **kw)
@@ -260,6 +264,20 @@ def _logit_positions(micro: list[RolloutBatch], crop: bool) -> int:
     logits_start on when cropping, else all of them (throughput/logit_positions). Cost accounting like the rest of
     throughput/*: it depends on the layout (micro-batch size, DP), so resumes across layouts do not compare it."""
     return sum(mb.size * (mb.inputs.shape[1] - (logits_start(mb.response_mask) if crop else 0)) for mb in micro)
+
+
+def _body_shape(micro: list[RolloutBatch], pack: bool) -> dict[str, float]:
+    """Positions the model body runs in one pass over `micro` (rows x width after trimming and packing) and its causal
+    query-key pairs (rows x w(w+1)/2): throughput/body_positions and throughput/attention_pairs, per rank, for the
+    step's executed FLOPs (tools/bench_step.py)."""
+    positions = pairs = 0.0
+    for mb in micro:
+        w = mb.inputs.shape[1]
+        plan = packing.plan_packing(packing.sequence_lengths(mb.response_mask), w) if pack else None
+        rows = plan.rows if plan else mb.size
+        positions += rows * w
+        pairs += rows * w * (w + 1) / 2
+    return {"throughput/body_positions": positions, "throughput/attention_pairs": pairs}
 
 
 def _batch_metrics(micro: list[RolloutBatch], groups: ParallelGroups, device) -> dict:
