@@ -79,7 +79,7 @@ def measure(groups, args) -> dict:
                            pack_sequences=mode == "packed")
         runs[mode] = {"student": student, "opts": opts, "teacher": MegatronTeacherScorer(teacher_model, groups,
                                                                                           opts.score),
-                      "seconds": [], "losses": [], "timings": {}}
+                      "seconds": [], "losses": [], "phases": []}
     for step in range(args.steps + 1):  # interleaved; step 0 is the warm-up
         for mode in MODES:
             r = runs[mode]
@@ -89,19 +89,21 @@ def measure(groups, args) -> dict:
             dt = time.perf_counter() - t0
             if step:
                 r["seconds"].append(dt)
+                r["phases"].append(timings)
             r["losses"].append(metrics["loss"])
-            r["timings"] = timings
             print(f"[bench_packing] step {step} {mode}: {dt:.2f} s, loss {metrics['loss']:.6f}", flush=True)
     lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in _samples(args)]
     out = {"lengths": lengths, "batch_width": int(batch.inputs.shape[1]), "modes": {}}
     for mode in MODES:
         r = runs[mode]
+        last = r["phases"][-1]
         out["modes"][mode] = {"step_s_median": statistics.median(r["seconds"]), "step_s": r["seconds"],
                               "losses": r["losses"],
-                              "body_positions": r["timings"]["throughput/body_positions"],
-                              "attention_pairs": r["timings"]["throughput/attention_pairs"],
-                              "time/teacher_s": r["timings"]["time/teacher_s"],
-                              "time/update_s": r["timings"]["time/update_s"]}
+                              "body_positions": last["throughput/body_positions"],
+                              "attention_pairs": last["throughput/attention_pairs"],
+                              "logit_positions": last["throughput/logit_positions"],
+                              **{k: statistics.median(p[k] for p in r["phases"])
+                                 for k in ("time/teacher_s", "time/old_logprobs_s", "time/update_s")}}
     return out
 
 
@@ -136,12 +138,13 @@ def main(argv=None) -> int:
     print(f"\n{args.samples} sequences of {min(lengths)}-{max(lengths)} positions (mean {statistics.mean(lengths):.0f}), "
           f"micro-batches of {args.micro_batch_size}, objective {args.objective}, "
           f"{args.teacher_layers}-layer teacher, {args.student_layers}-layer student, V={args.vocab}")
-    print("| mode | s/step (median) | teacher s | update s | body positions | attention pairs |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | s/step (median) | teacher s (median) | update s (median) | body positions | attention pairs | "
+          "logit positions |")
+    print("|---|---|---|---|---|---|---|")
     for mode in MODES:
         m = res["modes"][mode]
         print(f"| {mode} | {m['step_s_median']:.2f} | {m['time/teacher_s']:.2f} | {m['time/update_s']:.2f} | "
-              f"{m['body_positions']:.0f} | {m['attention_pairs']:.0f} |")
+              f"{m['body_positions']:.0f} | {m['attention_pairs']:.0f} | {m['logit_positions']:.0f} |")
     print(f"packed / padded step time: {1 / res['speedup']:.2f}x (speed-up {res['speedup']:.2f}x); "
           f"largest relative loss difference {res['max_loss_rel_diff']:.1e}; wall {res['wall_s']:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
