@@ -8,11 +8,13 @@ shard `[b, s, V_padded/tp]` of that micro-batch; `loss` is a scalar to backpropa
 and `outputs` a dict of small tensors. The full logits are dropped when `on_logits` returns, so they never
 outlive a micro-batch. Returns the `outputs` of every micro-batch on the last stage, `[]` elsewhere.
 
-With `crop=True` the output layer runs only from the micro-batch's first response position on (`logits_start`):
-prompt positions carry no loss and no statistic, and the output layer and every vocabulary-sized op after it are
-the largest per-token cost of a small model (SmolLM2-135M: 28 M of its 135 M matmul parameters). `on_logits` then
-gets `[b, s - start, V_padded/tp]`; `start = s - logits.shape[1]` recovers the offset and `crop_positions` cuts
-the micro-batch's per-token tensors to match.
+With `crop=True` the output layer runs only from the micro-batch's first response position on (`logits_start`),
+and within that window only at response positions (the logits are 0 at the window's other positions: right padding
+of shorter rows, prompt tokens of rows with longer prompts): prompt positions carry no loss and no statistic, and
+the output layer and every vocabulary-sized op after it are the largest per-token cost of a small model
+(SmolLM2-135M: 28 M of its 135 M matmul parameters). `on_logits` then gets `[b, s - start, V_padded/tp]`;
+`start = s - logits.shape[1]` recovers the offset and `crop_positions` cuts the micro-batch's per-token tensors to
+match.
 With `pack=True` (PP 1) each micro-batch's sequences run packed into fewer rows (`training/packing.py`) when that
 saves a row; `on_logits` still gets the padded layout, so nothing after the output layer changes.
 The loss is taken as given: the models are built with `calculate_per_token_loss=True` and each micro-batch
@@ -66,21 +68,51 @@ def _output_layer(model):
 
 
 @contextmanager
-def logits_from(model, start: int) -> Iterator[int]:
+def logits_from(model, start: int, where: torch.Tensor | None = None) -> Iterator[int]:
     """Within the block `model`'s forward computes logits for positions >= `start` only: the output layer's input
     (hidden states [s, b, h]) is cut to [s - start, b, h], so the logits are [b, s - start, V_padded/tp] and the
     backward through the cut is exact (prompt positions get no gradient from the output layer, as they get none from
-    a masked loss). Yields the offset in effect: 0 (nothing cut) off the last stage, for start 0, and with sequence
-    parallelism, where the output layer's input is sharded along s."""
+    a masked loss). With `where` ([b, s] bool, the micro-batch's response mask) the output layer's matmul runs only
+    at those positions of the window and the logits are 0 at the others (right padding of shorter rows, prompt
+    positions of rows with longer prompts): no loss or statistic reads them. Yields the offset in effect: 0
+    (nothing cut) off the last stage, for start 0, and with sequence parallelism, where the output layer's input is
+    sharded along s."""
     layer = _output_layer(model)
-    if start <= 0 or layer is None or getattr(layer, "sequence_parallel", False):
+    if layer is None or getattr(layer, "sequence_parallel", False):
         yield 0
         return
-    handle = layer.register_forward_pre_hook(lambda module, args: (args[0][start:], *args[1:]))
+    start = max(start, 0)
+    sel = None
+    if where is not None:  # flat indices, in the window's [s - start, b] order, of the positions that need logits
+        sel = where[:, start:].t().reshape(-1).nonzero().squeeze(1)
+        if sel.numel() in (0, where[:, start:].numel()):
+            sel = None  # nothing to skip (or nothing to compute: keep the plain window)
+    if start == 0 and sel is None:
+        yield 0
+        return
+    window: list[tuple[int, int]] = []  # the window's (s - start, b), for the scatter back
+
+    def cut(module, args):
+        x = args[0][start:]
+        if sel is None:
+            return (x, *args[1:])
+        window.append(x.shape[:2])
+        return (x.reshape(-1, x.shape[-1]).index_select(0, sel).unsqueeze(1), *args[1:])  # [n, 1, h]
+
+    def scatter(module, args, output):  # ColumnParallelLinear returns (logits [n, 1, V/tp], bias)
+        logits, bias = output
+        s, b = window.pop()
+        full = logits.new_zeros(s * b, logits.shape[-1]).index_copy(0, sel, logits.squeeze(1))
+        return full.view(s, b, -1), bias
+
+    handles = [layer.register_forward_pre_hook(cut)]
+    if sel is not None:
+        handles.append(layer.register_forward_hook(scatter))
     try:
         yield start
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, on_logits: OnLogits,
@@ -97,9 +129,10 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
         index = next(data_iterator)
         mb, plan = micro_batches[index], plans[index]
         inputs = mb.inputs.to(device)
+        start, where = (logits_start(mb.response_mask), mb.response_mask.to(device)) if crop else (0, None)
         # packing's pre-hook (packed hidden -> padded layout) is registered before the crop's, so it runs first
         with packing.packed_forward(model_chunk, plan) if plan else nullcontext(), \
-                logits_from(model_chunk, logits_start(mb.response_mask) if crop else 0):
+                logits_from(model_chunk, start, where):
             if plan:
                 output = model_chunk(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
             else:

@@ -125,13 +125,14 @@ class MegatronTeacherScorer:
         if self.opts.pack and response_mask is not None:
             packing.check_packable(model)
             plan = packing.plan_packing(packing.sequence_lengths(response_mask), inputs.shape[1])
+        where = response_mask.to(inputs.device) if response_mask is not None else None
         if plan is None:
-            with logits_from(model, start) as applied:
+            with logits_from(model, start, where) as applied:
                 if applied != start:
                     raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
                 return model(inputs, position_ids(inputs), None)
         plan = plan.to(inputs.device)
-        with packing.packed_forward(model, plan), logits_from(model, start):
+        with packing.packed_forward(model, plan), logits_from(model, start, where):
             return model(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
 
     @torch.no_grad()

@@ -11,7 +11,8 @@ student's own tokens by the rollout engine's log-probs (`behaviour_logprobs`), s
 that sampled them. For full-vocabulary objectives the teacher runs once, inside the micro-batch: lp_t (and top-k /
 entropy) are taken from the same teacher logits as the divergence. `StepOptions.fused_* = False` forces the separate passes (tests).
 Every pass computes logits (output layer, vocabulary-sized ops) only from the micro-batch's first response position
-on (`schedule.logits_start`; `StepOptions.crop_logits = False` computes them everywhere, for tests); the objective
+on (`schedule.logits_start`), the output layer's matmul only at response positions (`schedule.logits_from`; 0
+elsewhere in the window); `StepOptions.crop_logits = False` computes them everywhere, for tests. The objective
 then sees its per-token tensors on that window of positions, which holds every token with a loss.
 
 The objective sees per-token tensors computed on vocabulary shards (`megatron_tropd.ops`); its loss carries the
@@ -35,7 +36,7 @@ from megatron_tropd.objectives import (
 from megatron_tropd.training import packing
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Student
-from megatron_tropd.training.schedule import broadcast_from_last_stage, crop_positions, logits_start, run_schedule
+from megatron_tropd.training.schedule import broadcast_from_last_stage, crop_positions, run_schedule
 from megatron_tropd.training.scoring import (
     ScoreOptions, StudentTokens, TeacherScorer, TeacherTokens, score_student_old, teacher_tokens, tp_group,
 )
@@ -260,10 +261,11 @@ def _full_vocab_divergences(teacher: TeacherScorer, logits, mb: RolloutBatch, of
 
 
 def _logit_positions(micro: list[RolloutBatch], crop: bool) -> int:
-    """Positions of one pass over `micro` (this rank's) at which the output layer runs: from each micro-batch's
-    logits_start on when cropping, else all of them (throughput/logit_positions). Cost accounting like the rest of
-    throughput/*: it depends on the layout (micro-batch size, DP), so resumes across layouts do not compare it."""
-    return sum(mb.size * (mb.inputs.shape[1] - (logits_start(mb.response_mask) if crop else 0)) for mb in micro)
+    """Positions of one pass over `micro` (this rank's) at which the output layer runs: the response positions when
+    cropping (`schedule.logits_from`; every position of a micro-batch without any), else all of them
+    (throughput/logit_positions). Cost accounting like the rest of throughput/*: it depends on the layout
+    (micro-batch size, DP), so resumes across layouts do not compare it."""
+    return sum((int(mb.response_mask.sum()) or mb.inputs.numel()) if crop else mb.inputs.numel() for mb in micro)
 
 
 def _body_shape(micro: list[RolloutBatch], pack: bool) -> dict[str, float]:
