@@ -147,10 +147,14 @@ def main(argv=None) -> int:
               f"{m['body_positions']:.0f} | {m['attention_pairs']:.0f} | {m['logit_positions']:.0f} |")
     print(f"packed / padded step time: {1 / res['speedup']:.2f}x (speed-up {res['speedup']:.2f}x); "
           f"largest relative loss difference {res['max_loss_rel_diff']:.1e}; wall {res['wall_s']:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(res, args.out)
     return 0
+
+
+def write_report(res: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

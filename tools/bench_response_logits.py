@@ -14,13 +14,11 @@ JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/bench_response_logits.json")
     args = p.parse_args(argv)
 
+    import bench_packing
     from megatron_tropd.distributed.spawn import run_distributed
 
     t0 = time.time()
@@ -106,9 +105,7 @@ def main(argv=None) -> int:
     print(f"| the whole crop window | {med[MODES[1]]:.2f} | {res['window_positions']:.0f} |")
     print(f"response / window = {res['ratio']:.2f}x; largest relative loss difference {res['max_loss_rel_diff']:.1e}; "
           f"wall {res['wall_s']:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    bench_packing.write_report(res, args.out)
     return 0
 
 
