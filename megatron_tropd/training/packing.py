@@ -1,7 +1,7 @@
 """Sequence packing: a micro-batch's right-padded rows placed into fewer rows of the same width for the
 transformer body, with attention kept inside each sequence and each sequence at its own positions.
 
-    plan = plan_packing(sequence_lengths(mb.response_mask), width=s)   # None when no row would be saved
+    plan = plan_for(mb.response_mask)   # None when no row would be saved
     with packed_forward(model, plan):
         logits = model(pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
 
@@ -93,6 +93,11 @@ def plan_packing(lengths: list[int], width: int) -> PackPlan | None:
                     (~visible).unsqueeze(1))
 
 
+def plan_for(response_mask: torch.Tensor) -> PackPlan | None:
+    """The plan of a micro-batch from its [b, s] response mask (the width s is the model input's)."""
+    return plan_packing(sequence_lengths(response_mask), response_mask.shape[1])
+
+
 def pack_rows(x: torch.Tensor, plan: PackPlan, fill: int = 0) -> torch.Tensor:
     """A padded per-token tensor [b, s] -> the packed rows [r, s] (`fill` on free positions)."""
     out = x.new_full((plan.rows * plan.width,), fill)
@@ -124,11 +129,13 @@ def check_packable(model) -> None:
     if gpt.position_embedding_type not in ("rope", "learned_absolute"):
         raise ValueError(f"sequence packing supports rope / learned_absolute positions, not "
                          f"{gpt.position_embedding_type!r}")
-    te = [type(m).__name__ for m in gpt.modules() if type(m).__module__.startswith("megatron.core.extensions")]
+    # the attention kernel decides whether the block-diagonal mask is honoured: megatron-core's local one does
+    te = [type(a).__name__ for a in (layer.self_attention.core_attention for layer in gpt.decoder.layers)
+          if type(a).__module__.startswith("megatron.core.extensions")]
     if te:
-        raise ValueError(f"sequence packing runs on megatron-core's local attention spec; this model has "
-                         f"Transformer Engine modules ({te[0]}), whose packed path (THD PackedSeqParams) is not "
-                         f"built: turn packing off")
+        raise ValueError(f"sequence packing runs on megatron-core's local attention spec; this model's attention is "
+                         f"Transformer Engine's ({te[0]}), whose packed path (THD PackedSeqParams) is not built: "
+                         f"turn packing off")
 
 
 @contextmanager

@@ -90,18 +90,15 @@ def logits_from(model, start: int, where: torch.Tensor | None = None) -> Iterato
     if start == 0 and sel is None:
         yield 0
         return
-    window: list[tuple[int, int]] = []  # the window's (s - start, b), for the scatter back
-
-    def cut(module, args):
+    def cut(module, args):  # hidden states [s, b, h] -> [s - start, b, h], or its response rows [n, 1, h]
         x = args[0][start:]
-        if sel is None:
-            return (x, *args[1:])
-        window.append(x.shape[:2])
-        return (x.reshape(-1, x.shape[-1]).index_select(0, sel).unsqueeze(1), *args[1:])  # [n, 1, h]
+        if sel is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, sel).unsqueeze(1)
+        return (x, *args[1:])
 
     def scatter(module, args, output):  # ColumnParallelLinear returns (logits [n, 1, V/tp], bias)
         logits, bias = output
-        s, b = window.pop()
+        b, s = where.shape[0], where.shape[1] - start  # the window [s - start, b] of the input hidden states
         full = logits.new_zeros(s * b, logits.shape[-1]).index_copy(0, sel, logits.squeeze(1))
         return full.view(s, b, -1), bias
 
@@ -113,6 +110,17 @@ def logits_from(model, start: int, where: torch.Tensor | None = None) -> Iterato
     finally:
         for h in handles:
             h.remove()
+
+
+def model_forward(model, inputs: torch.Tensor, start: int = 0, where: torch.Tensor | None = None,
+                  plan: "packing.PackPlan | None" = None) -> tuple[int, torch.Tensor]:
+    """(offset in effect, output) of `model` on input ids [b, s]: on the last stage the logits shard
+    [b, s - offset, V_padded/tp] of `logits_from(model, start, where)`; with a packing `plan` the body runs on its
+    packed rows (packing.packed_forward, whose pre-hook is registered before the crop's, so it runs first)."""
+    with packing.packed_forward(model, plan) if plan else nullcontext(), logits_from(model, start, where) as applied:
+        if plan:
+            return applied, model(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
+        return applied, model(inputs, position_ids(inputs), None)
 
 
 def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroups, on_logits: OnLogits,
@@ -128,15 +136,8 @@ def run_schedule(model, micro_batches: list[RolloutBatch], groups: ParallelGroup
     def forward_step(data_iterator, model_chunk):
         index = next(data_iterator)
         mb, plan = micro_batches[index], plans[index]
-        inputs = mb.inputs.to(device)
         start, where = (logits_start(mb.response_mask), mb.response_mask.to(device)) if crop else (0, None)
-        # packing's pre-hook (packed hidden -> padded layout) is registered before the crop's, so it runs first
-        with packing.packed_forward(model_chunk, plan) if plan else nullcontext(), \
-                logits_from(model_chunk, start, where):
-            if plan:
-                output = model_chunk(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
-            else:
-                output = model_chunk(inputs, position_ids(inputs), None)
+        _, output = model_forward(model_chunk, mb.inputs.to(device), start, where, plan)
 
         def loss_func(logits):
             loss, outputs = on_logits(logits, index)
@@ -170,8 +171,7 @@ def pack_plans(model, micro_batches: list[RolloutBatch], groups: ParallelGroups)
         raise ValueError("sequence packing needs pipeline_model_parallel_size = 1 (packed micro-batches have "
                          "different row counts, and the pipeline's p2p buffers one shape)")
     packing.check_packable(model)
-    plans = [packing.plan_packing(packing.sequence_lengths(mb.response_mask), mb.inputs.shape[1])
-             for mb in micro_batches]
+    plans = [packing.plan_for(mb.response_mask) for mb in micro_batches]
     return [p.to(groups.device) if p else None for p in plans]
 
 

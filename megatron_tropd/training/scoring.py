@@ -26,7 +26,7 @@ from megatron_tropd.objectives import Requirements
 from megatron_tropd.training import packing
 from megatron_tropd.training.batch import RolloutBatch
 from megatron_tropd.training.roles import Teacher
-from megatron_tropd.training.schedule import crop_positions, logits_from, position_ids, run_schedule, uncrop_positions
+from megatron_tropd.training.schedule import crop_positions, model_forward, run_schedule, uncrop_positions
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ScoreOptions:
     temperature: float  # every log-prob is taken at it (the rollout temperature)
     vocab_size: int  # the real vocabulary: padding rows are excluded
     crop_logits: bool = True  # logits only from each micro-batch's first response position on (schedule.logits_start)
-    pack: bool = False  # run each micro-batch's sequences packed into fewer rows (training/packing.py; PP 1)
+    pack_sequences: bool = False  # run each micro-batch's sequences packed into fewer rows (training/packing.py; PP 1)
 
 
 class TeacherScorer(Protocol):
@@ -112,28 +112,27 @@ class MegatronTeacherScorer:
             return logits.new_zeros(()), t.uncrop(start)
 
         return run_schedule(self.teacher.model, micro_batches, self.groups, on_logits, forward_only=True,
-                            crop=self.opts.crop_logits, pack=self.opts.pack)
+                            crop=self.opts.crop_logits, pack=self.opts.pack_sequences)
 
     @torch.no_grad()
     def forward_logits(self, inputs: torch.Tensor, start: int = 0,
                        response_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[b, s] input ids -> the teacher's logits shard [b, s - start, V_padded/tp] of positions >= `start`
         (pipeline size 1 only; the caller's `start` is one `schedule.logits_from` honours for this model). With
-        ScoreOptions.pack and the micro-batch's `response_mask` [b, s] its sequences run packed (same logits)."""
+        ScoreOptions.pack_sequences and the micro-batch's `response_mask` [b, s] its sequences run packed (same
+        logits), and the output layer runs only at its response positions (`schedule.logits_from`)."""
         model = self.teacher.model
-        plan = None
-        if self.opts.pack and response_mask is not None:
-            packing.check_packable(model)
-            plan = packing.plan_packing(packing.sequence_lengths(response_mask), inputs.shape[1])
-        where = response_mask.to(inputs.device) if response_mask is not None else None
-        if plan is None:
-            with logits_from(model, start, where) as applied:
-                if applied != start:
-                    raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
-                return model(inputs, position_ids(inputs), None)
-        plan = plan.to(inputs.device)
-        with packing.packed_forward(model, plan), logits_from(model, start, where):
-            return model(packing.pack_rows(inputs, plan), plan.position_ids, plan.attention_mask)
+        plan = where = None
+        if response_mask is not None:
+            where = response_mask.to(inputs.device)
+            if self.opts.pack_sequences:
+                packing.check_packable(model)
+                plan = packing.plan_for(response_mask)
+                plan = plan.to(inputs.device) if plan else None
+        applied, logits = model_forward(model, inputs, start, where, plan)
+        if applied != start:
+            raise ValueError(f"the teacher cannot crop its logits at {start} (sequence parallel?)")
+        return logits
 
     @torch.no_grad()
     def micro_batch_logits(self, micro_batch: RolloutBatch) -> torch.Tensor | None:
@@ -163,4 +162,4 @@ def score_student_old(model, micro_batches: list[RolloutBatch], groups: Parallel
         return logits.new_zeros(()), out.uncrop(start)
 
     return run_schedule(model, micro_batches, groups, on_logits, forward_only=True, crop=opts.crop_logits,
-                        pack=opts.pack)
+                        pack=opts.pack_sequences)

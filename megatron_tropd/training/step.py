@@ -275,7 +275,7 @@ def _body_shape(micro: list[RolloutBatch], pack: bool) -> dict[str, float]:
     positions = pairs = 0.0
     for mb in micro:
         w = mb.inputs.shape[1]
-        plan = packing.plan_packing(packing.sequence_lengths(mb.response_mask), w) if pack else None
+        plan = packing.plan_for(mb.response_mask) if pack else None
         rows = plan.rows if plan else mb.size
         positions += rows * w
         pairs += rows * w * (w + 1) / 2
