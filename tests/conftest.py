@@ -14,8 +14,9 @@ from tiny_hf import save_tiny_pair  # noqa: E402
 
 
 def pytest_report_header(config):
-    """Free disk where the suite writes: a full run peaks at about 1.5 GB of temp files and model cache (the 0.5 GB
-    SmolLM2 checkpoint and one 0.5 GB temperature-folded copy of it), so a machine short of it fails with ENOSPC."""
+    """Free disk where the suite writes: a full run needs about 1 GB of temp files and model cache (the 0.5 GB
+    SmolLM2 checkpoint and, for one module, a 0.5 GB temperature-folded copy of it; estimated from the files, not
+    sampled), so a machine short of it fails with ENOSPC."""
     import tempfile
 
     from megatron_tropd.models.builtin import default_cache_dir

@@ -32,7 +32,7 @@ def measure(groups, args) -> dict:
     import bench_packing
     from megatron_tropd.config import OptimConfig
     from megatron_tropd.objectives import ObjectiveConfig, build_objective
-    from megatron_tropd.training import schedule, scoring
+    from megatron_tropd.training import schedule
     from megatron_tropd.training.batch import build_batch
     from megatron_tropd.training.roles import build_student, build_teacher
     from megatron_tropd.training.scoring import MegatronTeacherScorer
@@ -40,8 +40,10 @@ def measure(groups, args) -> dict:
 
     default = schedule.logits_from
 
+    # the crop window without the response-row selection; schedule.model_forward (the schedule's and the fused
+    # teacher's forward) looks logits_from up in its module, so replacing it there swaps both
     @contextmanager
-    def whole_window(model, start, where=None):  # the crop window without the response-row selection
+    def whole_window(model, start, where=None):
         with default(model, start) as applied:
             yield applied
 
@@ -57,7 +59,7 @@ def measure(groups, args) -> dict:
     try:
         for step in range(args.steps + 1):
             for mode in MODES:
-                schedule.logits_from = scoring.logits_from = default if mode == MODES[0] else whole_window
+                schedule.logits_from = default if mode == MODES[0] else whole_window
                 timings = {}
                 t0 = time.perf_counter()
                 metrics = distill_step(student, teacher, batch, objective, groups, step, opts, timings)
@@ -68,7 +70,7 @@ def measure(groups, args) -> dict:
                 positions[mode] = timings["throughput/logit_positions"]
                 print(f"[bench_response_logits] step {step} {mode}: {dt:.2f} s, loss {metrics['loss']:.6f}", flush=True)
     finally:
-        schedule.logits_from = scoring.logits_from = default
+        schedule.logits_from = default
     window = sum(mb.size * (mb.inputs.shape[1] - schedule.logits_start(mb.response_mask))
                  for mb in (m.trimmed(opts.trim_multiple) for m in batch.micro_batches(args.micro_batch_size)))
     return {"seconds": seconds, "losses": losses, "response_positions": positions[MODES[0]], "window_positions": window}

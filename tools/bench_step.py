@@ -150,9 +150,10 @@ def model_flops(student: Dims, teacher: Dims, samples: list[dict]) -> float:
 
 
 def ours_executed_flops(student: Dims, teacher: Dims, rec: dict, full_vocab: bool) -> dict[str, float]:
-    """What our step runs: the embedded engine's generate calls, then the teacher and student passes over the padded
-    batch with the output layer on the positions the step reports (`throughput/logit_positions`: from each
-    micro-batch's first response position on; every position in older JSON files), as many as the step reports
+    """What our step runs: the embedded engine's generate calls, then the teacher and student passes with the body
+    on the positions the step reports (`throughput/body_positions`, `/attention_pairs`; the padded batch in older
+    JSON files) and the output layer on its response positions (`throughput/logit_positions`; every position in
+    older JSON files), as many as the step reports
     (`passes/teacher`: teacher forwards per token, 1 when the teacher is fused into the update;
     `passes/old_logprobs`: 0 when lp_old comes from the training forward), and the update (3x forward)."""
     samples, b, w = rec["samples"], rec["batch_rows"], rec["batch_width"]
